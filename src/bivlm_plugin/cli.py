@@ -1,0 +1,164 @@
+"""The ``bivlm`` command line.
+
+    bivlm zoo list
+    bivlm zoo build smollm2-135m
+    bivlm eval ppl --model DIR [--json FILE] [--data DIR]
+    bivlm quantize --model DIR --recipe FILE --output DIR
+
+Heavy imports happen inside the commands so ``bivlm --help`` stays instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from bivlm_plugin.utils import atomic_write_text, environment_info
+
+logger = logging.getLogger("bivlm_plugin")
+
+
+def _cmd_zoo_list(args: argparse.Namespace) -> int:
+    from bivlm_plugin import zoo
+
+    root = zoo.cache_root() / "models"
+    for entry in zoo.available():
+        built = (root / entry.name / "bivlm_zoo.json").is_file()
+        print(f"{entry.name:16s} {'built' if built else 'not built':10s} {entry.description}")
+        print(f"{'':16s} {'':10s} source: {entry.source}")
+    return 0
+
+
+def _cmd_zoo_build(args: argparse.Namespace) -> int:
+    from bivlm_plugin import zoo
+
+    path = zoo.build(args.name, force=args.force)
+    print(path)
+    return 0
+
+
+def _cmd_eval_ppl(args: argparse.Namespace) -> int:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from bivlm_plugin.eval.data import P1, p1_windows
+    from bivlm_plugin.eval.ppl import perplexity
+
+    model_dir = Path(args.model)
+    if not (model_dir / "config.json").is_file():
+        raise FileNotFoundError(
+            f"--model {model_dir} is not a model folder (no config.json); pass the folder "
+            "printed by "
+            "`bivlm zoo build` or written by `bivlm quantize`"
+        )
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    windows = p1_windows(tok, "eval", data=args.data)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    model.eval()
+    result = perplexity(model, windows, batch_size=args.batch_size)
+    print(
+        f"P1 perplexity {result.ppl:.4f} over {result.n_tokens} tokens "
+        f"({result.n_windows} windows of {result.seqlen}) in {result.seconds:.1f} s"
+    )
+    if args.json:
+        payload = {
+            "model": str(model_dir.resolve()),
+            "protocol": P1.name,
+            **result.to_dict(),
+            "environment": environment_info(),
+        }
+        report = model_dir / "bivlm_report.json"
+        if report.is_file():
+            payload["quantization"] = json.loads(report.read_text())
+        atomic_write_text(Path(args.json), json.dumps(payload, indent=2) + "\n")
+    return 0
+
+
+def _cmd_quantize(args: argparse.Namespace) -> int:
+    try:
+        from bivlm_plugin.integrations.llmcompressor.quantize import quantize_text_model
+    except ModuleNotFoundError as exc:
+        raise ModuleNotFoundError(
+            f"bivlm quantize needs llm-compressor ({exc}); install with "
+            "`pip install 'bivlm-plugin[llmcompressor]'` or run scripts/setup.sh"
+        ) from exc
+
+    report = quantize_text_model(
+        args.model,
+        args.recipe,
+        args.output,
+        data=args.data,
+        num_calibration_samples=args.num_calibration_samples,
+        overwrite=args.overwrite,
+    )
+    print(
+        f"{report['method']}: {report['n_layers']} layers, {report['weight_bits']:.3f} weight "
+        f"bits, {report['storage_bits']:.3f} storage bits per weight, {report['seconds']:.1f} s"
+    )
+    print(Path(args.output).resolve())
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="bivlm", description=__doc__.split("\n\n")[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    zoo = sub.add_parser("zoo", help="reference models built locally").add_subparsers(
+        dest="zoo_command", required=True
+    )
+    p = zoo.add_parser("list", help="models that can be built")
+    p.set_defaults(func=_cmd_zoo_list)
+    p = zoo.add_parser("build", help="build a model into $BIVLM_HOME and print its folder")
+    p.add_argument("name")
+    p.add_argument("--force", action="store_true", help="rebuild even if cached")
+    p.set_defaults(func=_cmd_zoo_build)
+
+    ev = sub.add_parser("eval", help="evaluation protocols").add_subparsers(
+        dest="eval_command", required=True
+    )
+    p = ev.add_parser("ppl", help="protocol P1: WikiText-2 test perplexity")
+    p.add_argument("--model", required=True, help="model folder")
+    p.add_argument("--json", help="write results here")
+    p.add_argument(
+        "--data",
+        help="folder with WikiText-2 valid.txt / test.txt "
+        "(default: $BIVLM_DATA or ../shared/data/wikitext-2)",
+    )
+    p.add_argument("--batch-size", type=int, default=4)
+    p.set_defaults(func=_cmd_eval_ppl)
+
+    p = sub.add_parser("quantize", help="llm-compressor oneshot with a recipe, P1 calibration")
+    p.add_argument("--model", required=True, help="model folder")
+    p.add_argument("--recipe", required=True, help="YAML recipe (see recipes/)")
+    p.add_argument("--output", required=True, help="folder to write (atomically)")
+    p.add_argument("--data", help="WikiText-2 folder (default as for eval ppl)")
+    p.add_argument(
+        "--num-calibration-samples",
+        type=int,
+        default=None,
+        help="use the first N of P1's 128 calibration windows",
+    )
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --output")
+    p.set_defaults(func=_cmd_quantize)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError, FileExistsError, ModuleNotFoundError) as exc:
+        print(f"bivlm: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,72 @@
+"""Block-wise GPTQ / OBC error compensation around any block quantizer.
+
+The loop is shared by Bi-VLM and the baselines: each method supplies a callback that maps a
+block of (already compensated) columns to its dequantized approximation; this module spreads the
+quantization error of every column over the columns not yet quantized, using the upper Cholesky
+factor of H^-1 (Frantar et al., GPTQ, Algorithm 1). Like BiLLM, the whole block is quantized
+before its columns are compensated one by one, so a block quantizer may look at all of its
+columns at once (column grouping, salient search, Gaussian statistics).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+__all__ = ["BlockQuantizer", "gptq_compensate", "output_error"]
+
+BlockQuantizer = Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]
+"""(w_block (out, b) f32, hinv_block (b, b) slice of the upper factor, col0) -> w_hat (out, b)."""
+
+
+def gptq_compensate(
+    weight: torch.Tensor,
+    hinv_upper: torch.Tensor,
+    quantize_block: BlockQuantizer,
+    block_size: int = 128,
+) -> torch.Tensor:
+    """Quantize ``weight`` block by block, compensating each column's error on later columns.
+
+    Args:
+        weight: (out, in) weight, any float dtype (computed in float32).
+        hinv_upper: (in, in) upper Cholesky factor of the damped inverse Hessian.
+        quantize_block: the method's block quantizer (see ``BlockQuantizer``).
+        block_size: columns per block; the last block may be narrower.
+
+    Returns:
+        (out, in) float32 dequantized weight W_hat.
+    """
+    if block_size <= 0:
+        raise ValueError(f"block_size must be positive, got {block_size}")
+    w = weight.to(torch.float32).clone()
+    n_cols = w.shape[1]
+    if hinv_upper.shape != (n_cols, n_cols):
+        raise ValueError(
+            f"hinv_upper shape {tuple(hinv_upper.shape)} does not match weight columns {n_cols}"
+        )
+    w_hat = torch.empty_like(w)
+    for c0 in range(0, n_cols, block_size):
+        c1 = min(c0 + block_size, n_cols)
+        hinv_b = hinv_upper[c0:c1, c0:c1]
+        w_b = w[:, c0:c1].clone()
+        q_b = quantize_block(w_b, hinv_b, c0).to(torch.float32)
+        if q_b.shape != w_b.shape:
+            raise RuntimeError(
+                f"block quantizer returned shape {tuple(q_b.shape)}, expected {tuple(w_b.shape)}"
+            )
+        err_b = torch.empty_like(w_b)
+        for i in range(c1 - c0):
+            d = hinv_b[i, i]
+            err = (w_b[:, i] - q_b[:, i]) / d
+            w_b[:, i:] -= err.unsqueeze(1) * hinv_b[i, i:].unsqueeze(0)
+            err_b[:, i] = err
+        w_hat[:, c0:c1] = q_b
+        w[:, c1:] -= err_b @ hinv_upper[c0:c1, c1:]
+    return w_hat
+
+
+def output_error(weight: torch.Tensor, w_hat: torch.Tensor, hessian: torch.Tensor) -> float:
+    """Hessian-weighted output error tr(R H R^T) with R = W - W_hat (a float)."""
+    r = weight.to(torch.float32) - w_hat.to(torch.float32)
+    return float(torch.einsum("oi,ij,oj->", r, hessian.to(torch.float32), r))

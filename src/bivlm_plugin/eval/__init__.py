@@ -1,0 +1,1 @@
+"""Evaluation harnesses: protocol P1 perplexity (``data``, ``ppl``)."""

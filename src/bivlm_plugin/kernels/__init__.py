@@ -1,0 +1,1 @@
+"""Binary matmul kernels: torch reference, CPU and Triton kernels (issue 4: not built yet)."""

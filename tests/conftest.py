@@ -1,0 +1,67 @@
+"""Shared fixtures: tiny models and tokenizers built in-process (no network, no hub)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+WIKITEXT = REPO.parent / "shared" / "data" / "wikitext-2"
+
+
+@pytest.fixture(scope="session")
+def wikitext_dir() -> Path:
+    if not (WIKITEXT / "test.txt").is_file():
+        pytest.skip(f"WikiText-2 not found at {WIKITEXT} (the repo expects ../shared beside it)")
+    return WIKITEXT
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tmp_path_factory, wikitext_dir):
+    """A word-level tokenizer trained in-process on a slice of WikiText-2 valid."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    trainer = trainers.WordLevelTrainer(vocab_size=500, special_tokens=["<unk>", "<s>", "</s>"])
+    lines = (wikitext_dir / "valid.txt").read_text(encoding="utf-8").splitlines()[:2000]
+    tok.train_from_iterator(lines, trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>"
+    )
+    out = tmp_path_factory.mktemp("tok")
+    fast.save_pretrained(out)
+    return fast
+
+
+def tiny_llama_config(vocab_size: int = 500, hidden: int = 64, layers: int = 2):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden + 32,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        tie_word_embeddings=True,
+    )
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory, tiny_tokenizer) -> Path:
+    """A saved tiny random LLaMA with the tiny tokenizer."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(
+        tiny_llama_config(len(tiny_tokenizer) + 16)
+    )  # WordLevel ids can reach len()
+    out = tmp_path_factory.mktemp("tiny_llama")
+    model.save_pretrained(out)
+    tiny_tokenizer.save_pretrained(out)
+    return out

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import os
 import platform
+import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
 
-__all__ = ["atomic_write_text", "environment_info"]
+__all__ = ["atomic_directory", "atomic_write_text", "environment_info"]
 
 _PACKAGES = (
     "bivlm-plugin",
@@ -33,6 +36,26 @@ def atomic_write_text(path: Path, text: str) -> None:
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+@contextmanager
+def atomic_directory(target: Path) -> Iterator[Path]:
+    """Yield an empty sibling folder of ``target``; on success it replaces ``target``.
+
+    On any exception the temporary folder is removed and ``target`` is left as it was, so an
+    interrupted write never leaves a loadable half model.
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        yield tmp
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 

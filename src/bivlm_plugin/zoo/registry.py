@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import os
-import shutil
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+
+from bivlm_plugin.utils import atomic_directory
 
 __all__ = ["ZooEntry", "register", "available", "get", "build", "cache_root"]
 
@@ -84,21 +85,11 @@ def build(name: str, force: bool = False) -> Path:
     if (target / DONE_MARK).is_file() and not force:
         return target
     _check_requirements(entry)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=target.parent))
-    try:
+    with atomic_directory(target) as tmp:
         info = entry.builder(tmp)
-        import json
-
         (tmp / DONE_MARK).write_text(
             json.dumps({"name": name, "source": entry.source, **info}, indent=2)
         )
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return target
 
 

@@ -1,0 +1,326 @@
+"""Bi-VLM layer quantizer: partition, hybrid binarization, refinement, GPTQ compensation and the
+saliency-aware choice of the salient share under a bit budget (DESIGN.md sections 1 and 2).
+
+Pipeline for one (out, in) weight W and Hessian H (or None):
+
+1. Gaussian-quantile partition of W (``partition.py``); salient positions are chosen on the
+   original W by the Hessian-aware score (w - mu)^2 / d_j^2 or by |w - mu|, and stay fixed.
+2. Closed-form binarization (``binarize.encode``), then ARB / ARB-X refinement (``refine.py``).
+3. With H and ``compensate``: GPTQ block-wise compensation (``compensate.gptq_compensate``) with
+   the grid (means, scales, salient positions) frozen; only signs / rings / second-plane signs are
+   re-chosen for compensated columns. The parameters are then re-fitted by least squares on the
+   final codes against tr(R H R^T) (codes kept).
+4. With ``p_sal_candidates``: every candidate within ``bit_budget`` storage bits is run and the
+   one of least tr(R H R^T) (Frobenius error without H) is kept.
+
+Importing this module registers the method as ``"bivlm"`` (``types.get_method``).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .binarize import (
+    ASSIGN_MODES,
+    MEAN_MODES,
+    SCALE_MODES,
+    BinaryCodes,
+    codes_from_grid,
+    dequantize,
+    encode,
+    grid_from_codes,
+    quantize_with_grid,
+    round_params_fp16,
+)
+from .bits import count_bits
+from .compensate import gptq_compensate
+from .hessian import inverse_cholesky
+from .partition import SALIENT_SELECT_MODES, STATS_MODES, partition, row_stats, saliency_score
+from .refine import layer_error, refine, refit
+from .types import BitCount, QuantResult, register_method
+
+__all__ = ["BiVLMConfig", "SALIENT_METRICS", "quantize_bivlm"]
+
+logger = logging.getLogger(__name__)
+
+SALIENT_METRICS = ("hessian", "hessian_error", "magnitude")
+
+
+def _choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ValueError(f"BiVLMConfig.{name} must be one of {allowed}, got {value!r}")
+
+
+def _int_at_least(name: str, value: Any, low: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"BiVLMConfig.{name} must be an int >= {low}, got {value!r}")
+
+
+def _share(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 0.5:
+        raise ValueError(
+            f"BiVLMConfig.{name} must be a salient share in [0, 0.5), got {value!r}; "
+            "the paper uses about 0.01 (language model) to 0.05 (vision encoder)"
+        )
+
+
+@dataclass(frozen=True)
+class BiVLMConfig:
+    """Configuration of ``quantize_bivlm``; validated at construction.
+
+    Attributes:
+        p_sal: salient share of the weights (used when ``p_sal_candidates`` is None).
+        n_rings: inlier rings N (ring plane costs ceil(log2 N) bits per weight).
+        stats: partition statistics, ``"row"`` or ``"layer"``.
+        scale_mode: ``"row_ring"`` (a scale per row and ring) or ``"ring"`` (one per ring).
+        mean_mode: ``"row"`` (one mean per row) or ``"row_subset"`` (per row and subset).
+        salient_select: ``"topk"`` (same count per row) or ``"threshold"`` (Gaussian tail).
+        salient_metric: ``"hessian"`` ((w - mu)^2 / d_j^2, BiLLM's score), ``"hessian_error"``
+            (e^2 / d_j^2 with e the weight's error as an inlier) or ``"magnitude"`` (|w - mu|);
+            the Hessian scores fall back to magnitude without H.
+        assign: how codes are picked for a value under a fixed grid: ``"nearest"`` level or
+            the partition's ``"threshold"`` ring.
+        refine_iters: ARB iterations (mean, scale, code steps) before compensation.
+        refine_weighted: refine against tr(R H R^T) (ARB-X) when H is given.
+        compensate: GPTQ block-wise error compensation (needs H).
+        refit_iters: mean / scale least-squares passes on the final codes after compensation.
+        block_size: GPTQ block width (the last block may be narrower).
+        percdamp: Hessian damping as a share of its mean diagonal.
+        p_sal_candidates: salient shares to choose from per layer, or None.
+        bit_budget: maximum storage bits per weight, or None for no limit.
+        fp16_params: round scales and means to fp16 as they are stored.
+    """
+
+    p_sal: float = 0.01
+    n_rings: int = 1
+    stats: str = "row"
+    scale_mode: str = "row_ring"
+    mean_mode: str = "row"
+    salient_select: str = "topk"
+    salient_metric: str = "hessian"
+    assign: str = "nearest"
+    refine_iters: int = 3
+    refine_weighted: bool = True
+    compensate: bool = True
+    refit_iters: int = 2
+    block_size: int = 128
+    percdamp: float = 0.01
+    p_sal_candidates: tuple[float, ...] | None = None
+    bit_budget: float | None = None
+    fp16_params: bool = True
+
+    def __post_init__(self) -> None:
+        _share("p_sal", self.p_sal)
+        _int_at_least("n_rings", self.n_rings, 1)
+        if self.n_rings > 256:
+            raise ValueError(
+                f"BiVLMConfig.n_rings must be <= 256 (uint8 ring indices), got {self.n_rings}"
+            )
+        _choice("stats", self.stats, STATS_MODES)
+        _choice("scale_mode", self.scale_mode, SCALE_MODES)
+        _choice("mean_mode", self.mean_mode, MEAN_MODES)
+        _choice("salient_select", self.salient_select, SALIENT_SELECT_MODES)
+        _choice("salient_metric", self.salient_metric, SALIENT_METRICS)
+        _choice("assign", self.assign, ASSIGN_MODES)
+        _int_at_least("refine_iters", self.refine_iters, 0)
+        _int_at_least("refit_iters", self.refit_iters, 0)
+        _int_at_least("block_size", self.block_size, 1)
+        for name in ("refine_weighted", "compensate", "fp16_params"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(
+                    f"BiVLMConfig.{name} must be a bool, got {getattr(self, name)!r}"
+                )
+        if isinstance(self.percdamp, bool) or not 0.0 <= float(self.percdamp) < 1.0:
+            raise ValueError(f"BiVLMConfig.percdamp must be in [0, 1), got {self.percdamp!r}")
+        if self.p_sal_candidates is not None:
+            cands = tuple(self.p_sal_candidates)
+            if not cands:
+                raise ValueError(
+                    "BiVLMConfig.p_sal_candidates is empty; give at least one share or None"
+                )
+            for c in cands:
+                _share("p_sal_candidates[...]", c)
+            object.__setattr__(self, "p_sal_candidates", cands)
+        if self.bit_budget is not None and (
+            isinstance(self.bit_budget, bool)
+            or not isinstance(self.bit_budget, (int, float))
+            or not math.isfinite(self.bit_budget)
+            or self.bit_budget <= 0
+        ):
+            raise ValueError(
+                f"BiVLMConfig.bit_budget must be a positive number of storage bits per weight "
+                f"or None, got {self.bit_budget!r}"
+            )
+
+
+@dataclass(frozen=True)
+class _Candidate:
+    p_sal: float
+    codes: BinaryCodes
+    bits: BitCount
+    error: float
+    info: dict[str, Any]
+
+
+def _check_inputs(weight: torch.Tensor, hessian: torch.Tensor | None) -> None:
+    if not isinstance(weight, torch.Tensor) or weight.ndim != 2 or weight.numel() == 0:
+        shape = tuple(weight.shape) if isinstance(weight, torch.Tensor) else type(weight).__name__
+        raise ValueError(f"weight must be a non-empty 2-D (out, in) tensor, got {shape}")
+    if not torch.is_floating_point(weight):
+        raise ValueError(f"weight must be a float tensor, got dtype {weight.dtype}")
+    if not bool(torch.isfinite(weight).all()):
+        raise ValueError("weight contains NaN or inf; quantize a finite weight")
+    in_f = weight.shape[1]
+    if hessian is not None and tuple(hessian.shape) != (in_f, in_f):
+        raise ValueError(
+            f"hessian must be (in, in) = ({in_f}, {in_f}) for weight {tuple(weight.shape)}, "
+            f"got {tuple(hessian.shape)}"
+        )
+
+
+def _compensate(
+    w: torch.Tensor,
+    codes: BinaryCodes,
+    hinv: torch.Tensor,
+    part: Any,
+    config: BiVLMConfig,
+) -> BinaryCodes:
+    """GPTQ pass with a frozen grid; returns codes picked on the compensated columns."""
+    grid = grid_from_codes(codes, part, config.assign)
+    signs = torch.empty(w.shape, dtype=torch.bool, device=w.device)
+    ring = torch.empty(w.shape, dtype=torch.uint8, device=w.device)
+    sign2 = torch.empty(w.shape, dtype=torch.bool, device=w.device)
+
+    def quantize_block(w_b: torch.Tensor, _hinv_b: torch.Tensor, col0: int) -> torch.Tensor:
+        cols = slice(col0, col0 + w_b.shape[1])
+        cc = quantize_with_grid(w_b, grid, cols)
+        signs[:, cols], ring[:, cols], sign2[:, cols] = cc.signs, cc.ring, cc.sign2
+        return cc.w_hat
+
+    gptq_compensate(w, hinv, quantize_block, block_size=config.block_size)
+    return codes_from_grid(grid, signs, ring, sign2)
+
+
+def _saliency(w: torch.Tensor, hinv: torch.Tensor | None, config: BiVLMConfig) -> torch.Tensor:
+    """(out, in) salient score of ``config.salient_metric`` (magnitude when H is missing)."""
+    mu, _ = row_stats(w, config.stats)
+    if config.salient_metric == "magnitude" or hinv is None:
+        return saliency_score(w, mu)
+    d = torch.diagonal(hinv)
+    if config.salient_metric == "hessian":
+        return saliency_score(w, mu, d)
+    # "hessian_error": the error a weight would cost as an inlier (nearest level of a
+    # salient-free binarization), over d_j^2: the OBS cost of not protecting it.
+    part0 = partition(w, 0.0, config.n_rings, config.stats)
+    grid0 = grid_from_codes(encode(w, part0, config.scale_mode, config.mean_mode))
+    inlier_err = w - quantize_with_grid(w, grid0, slice(None)).w_hat
+    return saliency_score(inlier_err, torch.zeros_like(mu), d)
+
+
+def _run_candidate(
+    w: torch.Tensor,
+    h: torch.Tensor | None,
+    hinv: torch.Tensor | None,
+    p_sal: float,
+    config: BiVLMConfig,
+    bit_budget: float | None,
+) -> _Candidate | BitCount:
+    """One full pipeline at salient share ``p_sal``; returns the bit count alone if over budget."""
+    score = _saliency(w, hinv, config)
+    part = partition(w, p_sal, config.n_rings, config.stats, config.salient_select, score)
+    codes = encode(w, part, config.scale_mode, config.mean_mode)
+    # Bits depend only on the shape and the salient positions, fixed from here on.
+    bits = count_bits(codes)
+    if bit_budget is not None and bits.storage_bits > bit_budget:
+        return bits
+    info: dict[str, Any] = {}
+    h_refine = h if config.refine_weighted else None
+    if config.refine_iters:
+        res = refine(w, codes, h_refine, config.refine_iters, part=part, assign=config.assign)
+        codes = res.codes
+        info["refine_errors"] = res.errors
+    if config.compensate and hinv is not None:
+        codes = _compensate(w, codes, hinv, part, config)
+        if config.refit_iters:
+            codes = refit(w, codes, h, config.refit_iters)
+    if config.fp16_params:
+        codes = round_params_fp16(codes)
+    w_hat = dequantize(codes)
+    error = layer_error(w, w_hat, h)
+    return _Candidate(p_sal=float(p_sal), codes=codes, bits=bits, error=error, info=info)
+
+
+@register_method("bivlm", BiVLMConfig)
+def quantize_bivlm(
+    weight: torch.Tensor, hessian: torch.Tensor | None, config: BiVLMConfig | None = None
+) -> QuantResult:
+    """Quantize one linear weight with Bi-VLM.
+
+    Args:
+        weight: (out, in) float weight (any float dtype; computed in float32).
+        hessian: (in, in) H = 2 X^T X / n of the layer inputs, or None (then no compensation,
+            unweighted refinement, magnitude saliency).
+        config: a ``BiVLMConfig`` (defaults when None).
+
+    Returns:
+        ``QuantResult`` with w_hat (out, in) float32, the bit count, error tr(R H R^T) (None
+        without H), the ``BinaryCodes`` and ``info`` (chosen p_sal, n_rings, per-candidate bits
+        and errors, relative error).
+
+    Raises:
+        ValueError: bad shapes or values, or no candidate fits ``bit_budget`` (the message
+            names the smallest achievable storage bits).
+    """
+    config = BiVLMConfig() if config is None else config
+    if not isinstance(config, BiVLMConfig):
+        raise ValueError(f"config must be a BiVLMConfig, got {type(config).__name__}")
+    _check_inputs(weight, hessian)
+    w = weight.detach().to(torch.float32)
+    h = None if hessian is None else hessian.detach().to(w.device, torch.float32)
+    hinv = None
+    if h is not None and (config.compensate or config.salient_metric == "hessian"):
+        hinv, _dead = inverse_cholesky(h, config.percdamp)
+    candidates = config.p_sal_candidates or (config.p_sal,)
+    runs: list[_Candidate] = []
+    over: list[tuple[float, BitCount]] = []
+    for p in candidates:
+        out = _run_candidate(w, h, hinv, p, config, config.bit_budget)
+        if isinstance(out, BitCount):
+            over.append((float(p), out))
+        else:
+            runs.append(out)
+    if not runs:
+        best_p, best_bits = min(over, key=lambda pb: pb[1].storage_bits)
+        raise ValueError(
+            f"no salient share in {tuple(candidates)} fits bit_budget={config.bit_budget} "
+            f"storage bits per weight for weight {tuple(w.shape)} with n_rings="
+            f"{config.n_rings}; the smallest achievable is {best_bits.storage_bits:.4f} bits "
+            f"(p_sal={best_p}). Raise bit_budget, add smaller p_sal candidates, or use fewer rings."
+        )
+    best = min(runs, key=lambda c: c.error)
+    w_hat = dequantize(best.codes)
+    ref = layer_error(w, torch.zeros_like(w), h)
+    info: dict[str, Any] = {
+        "p_sal": best.p_sal,
+        "n_rings": config.n_rings,
+        "relative_error": best.error / ref if ref > 0 else 0.0,
+        "frobenius_error": layer_error(w, w_hat, None),
+        "candidates": {
+            c.p_sal: {"storage_bits": c.bits.storage_bits, "error": c.error} for c in runs
+        },
+        "over_budget": {p: b.storage_bits for p, b in over},
+        **best.info,
+    }
+    logger.debug("bivlm %s: p_sal=%s bits=%.4f", tuple(w.shape), best.p_sal, best.bits.storage_bits)
+    return QuantResult(
+        w_hat=w_hat,
+        bits=best.bits,
+        error=best.error if h is not None else None,
+        codes=best.codes,
+        info=info,
+    )

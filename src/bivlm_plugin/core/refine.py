@@ -1,0 +1,296 @@
+"""Alternating refinement of means, scales and codes (ARB-LLM, arXiv 2410.03129), plain or
+calibration-weighted (ARB-X).
+
+The objective per layer is E = sum_r (w_r - w_hat_r)^T H (w_r - w_hat_r) = tr(R H R^T), with
+H = I for the plain variant (then E = ||R||_F^2). Given the codes (signs, rings, salient planes),
+w_hat is linear in the continuous parameters:
+
+    w_hat_r = sum_p theta_rp * v_rp,   v_rp = indicator of subset s (for a mean mu_s),
+                                        v_rp = B * indicator of ring k (for a scale alpha_k),
+                                        v_rp = B2 (for the salient a2).
+
+Setting the gradient of E to zero for a group of parameters theta_r (others fixed, target
+t_r = w_r minus the fixed part of w_hat_r) gives the closed form (normal equations)
+
+    (V_r^T H V_r) theta_r = V_r^T H t_r.
+
+For H = I and one mean per row this is mu = mean(w - alpha B) (ARB's mean update); for one
+scale per ring it is alpha_k = mean over ring k of B * (w - mu), which is mean |w - mu| when
+B = sign(w - mu). Parameters shared by all rows (``scale_mode="ring"``) sum the normal equations
+over rows. Each step minimizes E exactly over its group, so E never increases. The code step picks
+the nearest level per element (exact for H = I); under a general H it is kept for a row only
+when it does not raise that row's error, which preserves monotonicity.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, replace
+
+import torch
+
+from .binarize import (
+    BinaryCodes,
+    dense_sign2,
+    dequantize,
+    expand_params,
+    grid_from_codes,
+    pack_codes,
+    quantize_with_grid,
+    salient_mask,
+    subset_index,
+)
+from .partition import Partition
+
+__all__ = [
+    "RefineResult",
+    "fit_means",
+    "fit_scales",
+    "layer_error",
+    "refine",
+    "refit",
+    "row_errors",
+    "update_codes",
+]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RefineResult:
+    """Refined codes and the error before and after each iteration.
+
+    Attributes:
+        codes: the refined ``BinaryCodes``.
+        errors: (iters + 1) floats, errors[0] before the first iteration (tr(R H R^T), or
+            ||R||_F^2 without a Hessian).
+    """
+
+    codes: BinaryCodes
+    errors: tuple[float, ...]
+
+
+def _check_hessian(hessian: torch.Tensor | None, in_f: int) -> torch.Tensor | None:
+    if hessian is None:
+        return None
+    if tuple(hessian.shape) != (in_f, in_f):
+        raise ValueError(
+            f"hessian must be (in, in) = ({in_f}, {in_f}) for this weight, "
+            f"got {tuple(hessian.shape)}"
+        )
+    return hessian.to(torch.float32)
+
+
+def row_errors(residual: torch.Tensor, hessian: torch.Tensor | None = None) -> torch.Tensor:
+    """(out,) float64 per-row error r^T H r (or ||r||^2) of an (out, in) residual."""
+    r = residual.to(torch.float32)
+    if hessian is None:
+        return r.double().square().sum(dim=1)
+    return ((r @ hessian.to(torch.float32)).double() * r.double()).sum(dim=1)
+
+
+def layer_error(
+    weight: torch.Tensor, w_hat: torch.Tensor, hessian: torch.Tensor | None = None
+) -> float:
+    """tr(R H R^T) with R = W - W_hat, or ||R||_F^2 without a Hessian."""
+    return float(row_errors(weight.to(torch.float32) - w_hat.to(torch.float32), hessian).sum())
+
+
+def _dense(codes: BinaryCodes) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(subset int64, b1 float +-1, b2 float +-1 at salient positions else 0), all (out, in)."""
+    sal = salient_mask(codes)
+    b1 = codes.signs.to(torch.float32) * 2.0 - 1.0
+    b2 = torch.where(sal, dense_sign2(codes).to(torch.float32) * 2.0 - 1.0, 0.0)
+    return subset_index(codes), b1, b2
+
+
+def _solve(gram: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
+    """Minimum-norm solution of (batched) normal equations; singular systems allowed."""
+    sol = torch.linalg.lstsq(gram, rhs.unsqueeze(-1), driver="gelsd").solution
+    return sol.squeeze(-1)
+
+
+def _normal_terms(
+    target: torch.Tensor, basis: torch.Tensor, hessian: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row V^T H V (out, P, P) and V^T H t (out, P), float64."""
+    hv = basis if hessian is None else torch.einsum("ij,ojp->oip", hessian, basis)
+    gram = torch.einsum("oip,oiq->opq", basis, hv).double()
+    rhs = torch.einsum("oip,oi->op", hv, target).double()
+    return gram, rhs
+
+
+def _row_lstsq(
+    target: torch.Tensor, basis: torch.Tensor, hessian: torch.Tensor | None
+) -> torch.Tensor:
+    """argmin_theta (t_r - V_r theta_r)^T H (t_r - V_r theta_r) for every row; (out, P)."""
+    gram, rhs = _normal_terms(target, basis, hessian)
+    return _solve(gram, rhs).to(torch.float32)
+
+
+def _shared_and_row_lstsq(
+    target: torch.Tensor, basis: torch.Tensor, n_shared: int, hessian: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Joint least squares with the first ``n_shared`` parameters shared by all rows.
+
+    Per row the normal equations split into blocks [[Gss, Gsq], [Gqs, Gqq]] (s shared, q per
+    row). Eliminating q_r = Gqq_r^+ (bq_r - Gqs_r s) leaves the Schur system
+    (sum_r Gss_r - Gsq_r Gqq_r^+ Gqs_r) s = sum_r (bs_r - Gsq_r Gqq_r^+ bq_r).
+
+    Returns:
+        (shared (n_shared,), per_row (out, P - n_shared)), float32.
+    """
+    gram, rhs = _normal_terms(target, basis, hessian)
+    k = n_shared
+    gss, gsq, gqq = gram[:, :k, :k], gram[:, :k, k:], gram[:, k:, k:]
+    bs, bq = rhs[:, :k], rhs[:, k:]
+    gqq_pinv = torch.linalg.pinv(gqq, hermitian=True)
+    proj = gsq @ gqq_pinv  # (out, k, q)
+    schur = (gss - proj @ gsq.transpose(1, 2)).sum(dim=0)
+    shared = _solve(schur, (bs - (proj @ bq.unsqueeze(2)).squeeze(2)).sum(dim=0))
+    per_row = (gqq_pinv @ (bq - (gsq.transpose(1, 2) @ shared)).unsqueeze(2)).squeeze(2)
+    return shared.to(torch.float32), per_row.to(torch.float32)
+
+
+def fit_means(
+    weight: torch.Tensor, codes: BinaryCodes, hessian: torch.Tensor | None = None
+) -> BinaryCodes:
+    """Exact minimization of the error over the means, codes and scales fixed.
+
+    Args:
+        weight: (out, in) target weight.
+        codes: current codes.
+        hessian: optional (in, in) H (ARB-X); None for the plain Frobenius error.
+
+    Returns:
+        ``codes`` with new ``mu`` (empty subsets keep their previous mean).
+    """
+    w = weight.to(torch.float32)
+    h = _check_hessian(hessian, w.shape[1])
+    subset, b1, b2 = _dense(codes)
+    mu, alpha, alpha2 = expand_params(codes)
+    target = w - alpha.gather(1, subset) * b1 - alpha2 * b2
+    if codes.mean_mode == "row":
+        if h is None:
+            return replace(codes, mu=target.mean(dim=1, keepdim=True))
+        basis = torch.ones_like(target).unsqueeze(2)
+        return replace(codes, mu=_row_lstsq(target, basis, h))
+    n_sub = codes.n_rings + 1
+    basis = torch.nn.functional.one_hot(subset, n_sub).to(torch.float32)
+    new_mu = _row_lstsq(target, basis, h)
+    present = basis.sum(dim=1) > 0
+    return replace(codes, mu=torch.where(present, new_mu, codes.mu))
+
+
+def fit_scales(
+    weight: torch.Tensor, codes: BinaryCodes, hessian: torch.Tensor | None = None
+) -> BinaryCodes:
+    """Exact minimization of the error over the scales (ring alphas, a1, a2), the rest fixed.
+
+    With ``scale_mode="ring"`` the shared ring scales and the per-row salient scales are solved
+    jointly through a Schur complement; with ``"row_ring"`` jointly per row.
+
+    Args:
+        weight: (out, in) target weight.
+        codes: current codes.
+        hessian: optional (in, in) H (ARB-X); None for the plain Frobenius error.
+
+    Returns:
+        ``codes`` with new ``alpha_ring`` and ``alpha_sal``.
+    """
+    w = weight.to(torch.float32)
+    h = _check_hessian(hessian, w.shape[1])
+    n = codes.n_rings
+    subset, b1, b2 = _dense(codes)
+    mu, _, _ = expand_params(codes)
+    target = w - mu.gather(1, subset)
+    onehot = torch.nn.functional.one_hot(subset, n + 1).to(torch.float32)
+    basis = torch.cat([onehot * b1.unsqueeze(2), b2.unsqueeze(2)], dim=2)  # (out, in, N + 2)
+    if codes.scale_mode == "row_ring":
+        theta = _row_lstsq(target, basis, h)
+        return replace(codes, alpha_ring=theta[:, :n], alpha_sal=theta[:, n:])
+    shared, alpha_sal = _shared_and_row_lstsq(target, basis, n, h)
+    return replace(codes, alpha_ring=shared, alpha_sal=alpha_sal)
+
+
+def update_codes(
+    weight: torch.Tensor,
+    codes: BinaryCodes,
+    hessian: torch.Tensor | None = None,
+    part: Partition | None = None,
+    assign: str = "nearest",
+) -> BinaryCodes:
+    """Re-pick signs, rings and second-plane signs for fixed parameters and salient positions.
+
+    A row takes its new codes only when they do not raise its error (always the case for
+    ``assign="nearest"`` without a Hessian).
+
+    Args:
+        weight: (out, in) target weight.
+        codes: current codes.
+        hessian: optional (in, in) H.
+        part: partition, needed for ``assign="threshold"``.
+        assign: ``"nearest"`` or ``"threshold"``.
+    """
+    w = weight.to(torch.float32)
+    h = _check_hessian(hessian, w.shape[1])
+    grid = grid_from_codes(codes, part, assign)
+    cand = quantize_with_grid(w, grid, slice(None))
+    old_err = row_errors(w - dequantize(codes), h)
+    new_err = row_errors(w - cand.w_hat, h)
+    take = (new_err <= old_err).unsqueeze(1)
+    signs = torch.where(take, cand.signs, codes.signs)
+    ring = torch.where(take, cand.ring, codes.ring)
+    sign2 = torch.where(take, cand.sign2, dense_sign2(codes))
+    return pack_codes(
+        signs, ring, grid.salient, sign2, codes.alpha_ring, codes.alpha_sal, codes.mu
+    )
+
+
+def refit(
+    weight: torch.Tensor,
+    codes: BinaryCodes,
+    hessian: torch.Tensor | None = None,
+    iters: int = 2,
+) -> BinaryCodes:
+    """Alternate ``fit_means`` and ``fit_scales`` ``iters`` times, codes kept."""
+    for _ in range(iters):
+        codes = fit_scales(weight, fit_means(weight, codes, hessian), hessian)
+    return codes
+
+
+def refine(
+    weight: torch.Tensor,
+    codes: BinaryCodes,
+    hessian: torch.Tensor | None = None,
+    iters: int = 3,
+    codes_step: bool = True,
+    part: Partition | None = None,
+    assign: str = "nearest",
+) -> RefineResult:
+    """ARB alternating refinement: mean step, scale step, code step, ``iters`` times.
+
+    Args:
+        weight: (out, in) target weight.
+        codes: initial codes (from ``encode``).
+        hessian: optional (in, in) H: ARB-X, minimizes tr(R H R^T); None: ||R||_F^2.
+        iters: number of iterations (>= 0).
+        codes_step: re-pick codes each iteration (False keeps the codes: parameters only).
+        part: partition, needed for ``assign="threshold"``.
+        assign: code step rule, ``"nearest"`` or ``"threshold"``.
+
+    Returns:
+        ``RefineResult`` with the error before and after every iteration (non-increasing).
+    """
+    if isinstance(iters, bool) or not isinstance(iters, int) or iters < 0:
+        raise ValueError(f"iters must be a non-negative int, got {iters!r}")
+    w = weight.to(torch.float32)
+    h = _check_hessian(hessian, w.shape[1])
+    errors = [layer_error(w, dequantize(codes), h)]
+    for _ in range(iters):
+        codes = fit_scales(w, fit_means(w, codes, h), h)
+        if codes_step:
+            codes = update_codes(w, codes, h, part, assign)
+        errors.append(layer_error(w, dequantize(codes), h))
+    logger.debug("refine errors: %s", errors)
+    return RefineResult(codes=codes, errors=tuple(errors))

@@ -1,0 +1,1 @@
+"""Framework integrations. Each subpackage imports its framework; they never import each other."""

@@ -1,0 +1,328 @@
+"""``BiVLMModifier``: Bi-VLM (and its baselines) as an llm-compressor modifier.
+
+Lifecycle (llm-compressor's sequential pipeline, so each layer is calibrated on the outputs of the
+layers already quantized):
+
+- ``on_initialize``: resolve targets into language / vision modules; fail when nothing matches.
+- ``on_calibration_start``: a forward hook per target accumulates H = 2 X^T X / n.
+- ``on_sequential_epoch_end``: quantize the modules of the finished subgraph with the chosen
+  method from ``bivlm_plugin.core`` and write the dequantized weight back (fake quantization,
+  until the packed format takes over), keeping each layer's codes and bit count.
+- ``on_calibration_end``: remove hooks.
+
+The math lives in ``bivlm_plugin.core``; this file is lifecycle, matching and bookkeeping only.
+
+Example recipe::
+
+    quant_stage:
+      quant_modifiers:
+        BiVLMModifier:
+          method: bivlm
+          p_sal: 0.01
+          n_rings: 1
+          targets: [Linear]
+          ignore: [lm_head]
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import re
+import time
+from typing import Any, Literal
+
+import torch
+from compressed_tensors.utils import match_named_modules
+from llmcompressor.core import Event, State
+from llmcompressor.modifiers import Modifier
+from pydantic import Field, PrivateAttr, field_validator
+
+from bivlm_plugin.core import methods
+from bivlm_plugin.core.hessian import HessianAccumulator
+from bivlm_plugin.core.types import QuantResult, get_method
+
+__all__ = ["BiVLMModifier", "LayerRecord", "register_modifiers"]
+
+logger = logging.getLogger(__name__)
+
+# Module-name patterns of the vision encoder and of the projector in the supported VLM families
+# (Qwen2-VL / Qwen2.5-VL: visual.*, visual.merger; LLaVA: vision_tower, multi_modal_projector;
+# Idefics3 / SmolVLM: vision_model, connector).
+DEFAULT_VISION = ["re:(^|.*\\.)(visual|vision_tower|vision_model|vision_encoder)\\..*"]
+DEFAULT_PROJECTOR = ["re:.*(multi_modal_projector|visual\\.merger|connector|mm_projector).*"]
+NEVER = ["re:(^|.*\\.)lm_head$", "re:.*embed_tokens$", "re:.*(norm|layernorm)[^.]*$"]
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerRecord:
+    """What the modifier did to one module (for reports and the packed format)."""
+
+    name: str
+    part: str  # "language" or "vision"
+    shape: tuple[int, int]
+    method: str
+    weight_bits: float
+    storage_bits: float
+    error: float | None
+    seconds: float
+    info: dict[str, Any]
+
+
+class BiVLMModifier(Modifier):
+    """Ultra-low-bit (<= 2 bits) post-training quantization with Bi-VLM or a baseline.
+
+    Args:
+        method: ``bivlm`` (default) or a baseline registered in ``bivlm_plugin.core``
+            (``billm``, ``arb_x``, ``arb_rc``, ``rtn_sign``): one recipe line switches method.
+        p_sal: salient share for language-model linears (paper hint ~1%).
+        p_sal_vision: salient share for vision-encoder linears (paper hint ~5%).
+        n_rings: inlier rings (their ring index costs ceil(log2 N) bits per weight).
+        stats / scale_mode / mean_mode / salient_select / salient_metric / assign: see
+            ``bivlm_plugin.core.bivlm.BiVLMConfig``.
+        refine_iters / refine_weighted / refit_iters: ARB-style alternating refinement.
+        compensate / block_size / dampening_frac: GPTQ block-wise error compensation.
+        p_sal_candidates / bit_budget: per-layer salient share chosen by tr(R H R^T) under a
+            storage-bit budget.
+        method_args: extra config fields for the chosen method (baselines' own knobs).
+        scope: ``language`` (paper setting 1) or ``all`` (whole VLM, vision encoder too).
+        targets: module classes / names to quantize (compressed-tensors matching, ``re:``).
+        ignore: modules never quantized, on top of embeddings, lm_head, norms and projector.
+        vision_patterns / projector_patterns: how vision-encoder and projector modules are found.
+        quantize_projector: quantize the projector too (kept in higher precision by default).
+    """
+
+    requires_calibration_data: bool = True
+
+    method: str = "bivlm"
+    p_sal: float = 0.01
+    p_sal_vision: float = 0.05
+    n_rings: int = 1
+    stats: Literal["row", "layer"] = "row"
+    scale_mode: Literal["row_ring", "ring"] = "row_ring"
+    mean_mode: Literal["row", "row_subset"] = "row"
+    salient_select: Literal["topk", "threshold"] = "topk"
+    salient_metric: Literal["hessian", "magnitude"] = "hessian"
+    assign: Literal["nearest", "threshold"] = "nearest"
+    refine_iters: int = Field(default=3, ge=0)
+    refine_weighted: bool = True
+    refit_iters: int = Field(default=2, ge=0)
+    compensate: bool = True
+    block_size: int = Field(default=128, gt=0)
+    dampening_frac: float = Field(default=0.01, ge=0.0, lt=1.0)
+    p_sal_candidates: list[float] | None = None
+    bit_budget: float | None = Field(default=None, gt=0.0)
+    method_args: dict[str, Any] = Field(default_factory=dict)
+
+    scope: Literal["language", "all"] = "language"
+    targets: list[str] = Field(default_factory=lambda: ["Linear"])
+    ignore: list[str] = Field(default_factory=list)
+    vision_patterns: list[str] = Field(default_factory=lambda: list(DEFAULT_VISION))
+    projector_patterns: list[str] = Field(default_factory=lambda: list(DEFAULT_PROJECTOR))
+    quantize_projector: bool = False
+
+    _modules: dict[torch.nn.Module, tuple[str, str]] = PrivateAttr(default_factory=dict)
+    _hessians: dict[torch.nn.Module, HessianAccumulator] = PrivateAttr(default_factory=dict)
+    _records: list[LayerRecord] = PrivateAttr(default_factory=list)
+    _codes: dict[str, Any] = PrivateAttr(default_factory=dict)
+
+    @field_validator("method")
+    @classmethod
+    def _known_method(cls, value: str) -> str:
+        methods.load_all()
+        get_method(value)  # raises ValueError listing the available methods
+        return value
+
+    @field_validator("targets")
+    @classmethod
+    def _nonempty_targets(cls, value: list[str]) -> list[str]:
+        if not value:
+            raise ValueError("targets is empty; use e.g. targets: [Linear]")
+        return value
+
+    # ----------------------------------------------------------------------------- config
+    def layer_config(self, part: str) -> Any:
+        """The core config for a module of ``part`` (``language`` or ``vision``)."""
+        _, config_cls = get_method(self.method)
+        if self.method == "bivlm":
+            fields = {f.name for f in dataclasses.fields(config_cls)}
+            knobs = dict(
+                p_sal=self.p_sal_vision if part == "vision" else self.p_sal,
+                n_rings=self.n_rings,
+                stats=self.stats,
+                scale_mode=self.scale_mode,
+                mean_mode=self.mean_mode,
+                salient_select=self.salient_select,
+                salient_metric=self.salient_metric,
+                assign=self.assign,
+                refine_iters=self.refine_iters,
+                refine_weighted=self.refine_weighted,
+                refit_iters=self.refit_iters,
+                compensate=self.compensate,
+                block_size=self.block_size,
+                percdamp=self.dampening_frac,
+                p_sal_candidates=tuple(self.p_sal_candidates) if self.p_sal_candidates else None,
+                bit_budget=self.bit_budget,
+            )
+            knobs = {k: v for k, v in knobs.items() if k in fields}
+            knobs.update(self.method_args)
+        else:
+            knobs = dict(self.method_args)
+        try:
+            return config_cls(**knobs)
+        except TypeError as exc:
+            names = sorted(f.name for f in dataclasses.fields(config_cls))
+            raise ValueError(
+                f"method_args {sorted(self.method_args)} do not fit method {self.method!r} "
+                f"({exc}); its fields are {names}"
+            ) from exc
+
+    # -------------------------------------------------------------------------- lifecycle
+    def on_initialize(self, state: State, **kwargs) -> bool:
+        self.layer_config("language")  # fail early on bad knobs, before any calibration
+        ignore = list(self.ignore) + NEVER
+        if not self.quantize_projector:
+            ignore += self.projector_patterns
+        self._modules = {}
+        vision_re = [_compile(p) for p in self.vision_patterns]
+        for name, module in match_named_modules(state.model, self.targets, ignore):
+            if not isinstance(module, torch.nn.Linear):
+                continue
+            part = "vision" if any(r.match(name) for r in vision_re) else "language"
+            if part == "vision" and self.scope == "language":
+                continue
+            self._modules[module] = (name, part)
+        if not self._modules:
+            raise ValueError(
+                f"BiVLMModifier matched no nn.Linear with targets={self.targets}, "
+                f"ignore={self.ignore}, scope={self.scope!r}; check the recipe's targets "
+                "(e.g. [Linear] or 're:.*self_attn.*') against model.named_modules()"
+            )
+        n_vis = sum(part == "vision" for _, part in self._modules.values())
+        logger.info(
+            "BiVLMModifier: %d language and %d vision linears to quantize with %s",
+            len(self._modules) - n_vis,
+            n_vis,
+            self.method,
+        )
+        return True
+
+    def on_calibration_start(self, state: State, event: Event, **kwargs) -> None:
+        for module in self._modules:
+            self.register_hook(module, self._accumulate, "forward")
+
+    def _accumulate(self, module: torch.nn.Module, args: tuple, _output: torch.Tensor) -> None:
+        acc = self._hessians.get(module)
+        if acc is None:
+            acc = self._hessians[module] = HessianAccumulator(
+                module.in_features, device=module.weight.device
+            )
+        acc.add(args[0].detach())
+
+    def on_sequential_epoch_end(self, state: State, event: Event, **kwargs) -> None:
+        for module in list(self._hessians):
+            self._quantize_module(module)
+
+    def on_calibration_end(self, state: State, event: Event, **kwargs) -> None:
+        self.remove_hooks()
+
+    def on_finalize(self, state: State, **kwargs) -> bool:
+        if not self.ended_:
+            self.on_end(state, None)
+        if self._hessians:
+            names = [self._modules[m][0] for m in self._hessians]
+            raise RuntimeError(
+                f"{len(names)} modules were calibrated but never quantized: {names[:5]}"
+            )
+        return True
+
+    @torch.no_grad()
+    def _quantize_module(self, module: torch.nn.Module) -> None:
+        name, part = self._modules[module]
+        acc = self._hessians.pop(module)
+        quantize, _ = get_method(self.method)
+        start = time.perf_counter()
+        weight = module.weight.data
+        result: QuantResult = quantize(weight.float(), acc.hessian, self.layer_config(part))
+        weight.copy_(result.w_hat.to(weight.dtype))
+        seconds = time.perf_counter() - start
+        record = LayerRecord(
+            name=name,
+            part=part,
+            shape=tuple(weight.shape),
+            method=self.method,
+            weight_bits=result.bits.weight_bits,
+            storage_bits=result.bits.storage_bits,
+            error=result.error,
+            seconds=seconds,
+            info=_jsonable(result.info),
+        )
+        self._records.append(record)
+        if result.codes is not None:
+            self._codes[name] = result.codes
+        logger.info(
+            "%s %s %s: %.3f storage bits, error %.4g, %.2f s",
+            self.method,
+            part,
+            name,
+            record.storage_bits,
+            record.error or float("nan"),
+            seconds,
+        )
+
+    # ---------------------------------------------------------------------------- results
+    @property
+    def records(self) -> list[LayerRecord]:
+        return list(self._records)
+
+    @property
+    def codes(self) -> dict[str, Any]:
+        return dict(self._codes)
+
+    def summary(self) -> dict[str, Any]:
+        """Weight-count-weighted bits over every quantized layer, plus per-layer figures."""
+        n = sum(r.shape[0] * r.shape[1] for r in self._records)
+        if n == 0:
+            return {"method": self.method, "n_layers": 0}
+
+        def avg(attr: str) -> float:
+            return sum(getattr(r, attr) * r.shape[0] * r.shape[1] for r in self._records) / n
+
+        return {
+            "method": self.method,
+            "n_layers": len(self._records),
+            "n_weights": n,
+            "weight_bits": avg("weight_bits"),
+            "storage_bits": avg("storage_bits"),
+            "quantize_seconds": sum(r.seconds for r in self._records),
+            "layers": [dataclasses.asdict(r) for r in self._records],
+        }
+
+
+def _compile(pattern: str) -> re.Pattern[str]:
+    return re.compile(pattern[3:] if pattern.startswith("re:") else re.escape(pattern) + "$")
+
+
+def _jsonable(info: Any) -> dict[str, Any]:
+    out = {}
+    for k, v in dict(info).items():
+        if isinstance(v, torch.Tensor):
+            v = v.tolist()
+        elif isinstance(v, tuple):
+            v = list(v)
+        out[str(k)] = v
+    return out
+
+
+_REGISTERED = False
+
+
+def register_modifiers() -> None:
+    """Register with ModifierFactory under the class name (idempotent, safe in every process)."""
+    global _REGISTERED
+    if _REGISTERED:
+        return
+    from llmcompressor.modifiers.factory import ModifierFactory
+
+    ModifierFactory.register("BiVLMModifier", BiVLMModifier)
+    _REGISTERED = True

@@ -1,0 +1,162 @@
+"""BiVLMModifier through llm-compressor: registration, recipes, sequential calibration."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip(
+    "llmcompressor", reason="needs llm-compressor (pip install 'bivlm-plugin[llmcompressor]')"
+)
+
+import bivlm_plugin  # noqa: E402,F401  (registers the modifier)
+from bivlm_plugin.core.hessian import HessianAccumulator  # noqa: E402
+from bivlm_plugin.core.types import get_method  # noqa: E402
+
+RECIPE = """
+quant_stage:
+  quant_modifiers:
+    BiVLMModifier:
+      method: {method}
+      targets: [Linear]
+      ignore: [lm_head]
+      refine_iters: 1
+"""
+
+
+def _dataset(vocab: int, n: int = 4, seqlen: int = 32):
+    from datasets import Dataset
+
+    ids = torch.randint(0, vocab, (n, seqlen), generator=torch.Generator().manual_seed(1))
+    return ids, Dataset.from_dict(
+        {"input_ids": ids.tolist(), "attention_mask": torch.ones_like(ids).tolist()}
+    )
+
+
+def _oneshot(model_dir, tokenizer, recipe: str):
+    from llmcompressor import oneshot
+    from llmcompressor.core import active_session
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    ids, ds = _dataset(model.config.vocab_size)
+    oneshot(
+        model=model,
+        processor=tokenizer,
+        recipe=recipe,
+        dataset=ds,
+        num_calibration_samples=ids.shape[0],
+        max_seq_length=ids.shape[1],
+    )
+    mod = next(
+        m
+        for m in active_session().lifecycle.recipe.modifiers
+        if type(m).__name__ == "BiVLMModifier"
+    )
+    return model, mod, ids
+
+
+def test_registered_with_modifier_factory() -> None:
+    from llmcompressor.modifiers.factory import ModifierFactory
+
+    from bivlm_plugin.integrations.llmcompressor import register
+    from bivlm_plugin.integrations.llmcompressor.modifier import BiVLMModifier
+
+    register()  # idempotent: a second registration must not raise
+    assert ModifierFactory._registered_registry["BiVLMModifier"] is BiVLMModifier
+
+
+def test_recipe_field_typo_fails_naming_the_field() -> None:
+    from bivlm_plugin.integrations.llmcompressor.modifier import BiVLMModifier
+
+    with pytest.raises(ValueError, match="p_sall"):
+        BiVLMModifier(p_sall=0.01)
+
+
+def test_unknown_method_lists_available() -> None:
+    from bivlm_plugin.integrations.llmcompressor.modifier import BiVLMModifier
+
+    with pytest.raises(ValueError, match="billm"):
+        BiVLMModifier(method="bilm")
+
+
+def test_bad_method_args_name_the_fields() -> None:
+    from bivlm_plugin.integrations.llmcompressor.modifier import BiVLMModifier
+
+    mod = BiVLMModifier(method="rtn_sign", method_args={"nonsense": 1})
+    with pytest.raises(ValueError, match="nonsense"):
+        mod.layer_config("language")
+
+
+def test_recipe_without_stage_nesting_is_rejected(tmp_path) -> None:
+    from bivlm_plugin.integrations.llmcompressor.recipe import load_recipe
+
+    bad = tmp_path / "flat.yaml"
+    bad.write_text("BiVLMModifier:\n  method: bivlm\n")
+    with pytest.raises(ValueError, match="does not end in '_stage'.*silently"):
+        load_recipe(bad)
+    bad.write_text("quant_stage:\n  quant:\n    BiVLMModifier: {}\n")
+    with pytest.raises(ValueError, match="quant_stage.quant is not a '<name>_modifiers'"):
+        load_recipe(bad)
+
+
+def test_shipped_recipes_are_well_formed() -> None:
+    from pathlib import Path
+
+    from bivlm_plugin.integrations.llmcompressor.recipe import load_recipe
+
+    recipes = sorted((Path(__file__).resolve().parents[2] / "recipes").glob("*.yaml"))
+    assert len(recipes) >= 3
+    for path in recipes:
+        load_recipe(path)
+
+
+def test_no_matching_targets_is_an_error(tiny_llama_dir, tiny_tokenizer) -> None:
+    recipe = RECIPE.format(method="bivlm").replace("[Linear]", "['re:.*does_not_exist.*']")
+    with pytest.raises(ValueError, match="matched no nn.Linear"):
+        _oneshot(tiny_llama_dir, tiny_tokenizer, recipe)
+
+
+@pytest.mark.parametrize("method", ["bivlm", "rtn_sign", "billm"])
+def test_oneshot_quantizes_every_decoder_linear(tiny_llama_dir, tiny_tokenizer, method) -> None:
+    model, mod, _ = _oneshot(tiny_llama_dir, tiny_tokenizer, RECIPE.format(method=method))
+    summary = mod.summary()
+    n_layers = model.config.num_hidden_layers
+    assert summary["n_layers"] == 7 * n_layers  # q k v o gate up down
+    assert {r["name"].rsplit(".", 1)[-1] for r in summary["layers"]} == {
+        "q_proj",
+        "k_proj",
+        "v_proj",
+        "o_proj",
+        "gate_proj",
+        "up_proj",
+        "down_proj",
+    }
+    assert 1.0 <= summary["weight_bits"] < summary["storage_bits"]
+    # Binarized rows hold few distinct values; the untouched embedding holds many.
+    w = model.model.layers[0].mlp.up_proj.weight
+    assert max(row.unique().numel() for row in w) <= 8
+    assert model.model.embed_tokens.weight[0].unique().numel() > 32
+
+
+def test_each_layer_is_calibrated_on_quantized_predecessors(tiny_llama_dir, tiny_tokenizer) -> None:
+    """Layer 1's q_proj must equal quantizing its original weight with the Hessian of inputs
+    that flow through the *quantized* layer 0 (llm-compressor's sequential pipeline)."""
+    from transformers import AutoModelForCausalLM
+
+    original = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32)
+    model, mod, ids = _oneshot(tiny_llama_dir, tiny_tokenizer, RECIPE.format(method="bivlm"))
+    target = model.model.layers[1].self_attn.q_proj
+    acc = HessianAccumulator(target.in_features)
+    handle = target.register_forward_hook(lambda m, a, o: acc.add(a[0]))
+    with torch.no_grad():
+        for row in ids:
+            model(input_ids=row[None])
+    handle.remove()
+    quantize, _ = get_method("bivlm")
+    expected = quantize(
+        original.model.layers[1].self_attn.q_proj.weight.float(),
+        acc.hessian,
+        mod.layer_config("language"),
+    ).w_hat
+    assert torch.allclose(target.weight, expected, atol=1e-4, rtol=1e-3)

@@ -79,7 +79,10 @@ def _cmd_eval_ppl(args: argparse.Namespace) -> int:
 
 def _cmd_quantize(args: argparse.Namespace) -> int:
     try:
-        from bivlm_plugin.integrations.llmcompressor.quantize import quantize_text_model
+        from bivlm_plugin.integrations.llmcompressor.quantize import (
+            parse_override,
+            quantize_text_model,
+        )
     except ModuleNotFoundError as exc:
         raise ModuleNotFoundError(
             f"bivlm quantize needs llm-compressor ({exc}); install with "
@@ -93,6 +96,7 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
         data=args.data,
         num_calibration_samples=args.num_calibration_samples,
         overwrite=args.overwrite,
+        overrides=dict(parse_override(t) for t in args.set),
     )
     print(
         f"{report['method']}: {report['n_layers']} layers, {report['weight_bits']:.3f} weight "
@@ -143,6 +147,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="use the first N of P1's 128 calibration windows",
     )
     p.add_argument("--overwrite", action="store_true", help="replace an existing --output")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a modifier field of the recipe (repeatable), e.g. n_rings=2",
+    )
     p.set_defaults(func=_cmd_quantize)
     return parser
 

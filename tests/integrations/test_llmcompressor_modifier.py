@@ -160,3 +160,35 @@ def test_each_layer_is_calibrated_on_quantized_predecessors(tiny_llama_dir, tiny
         mod.layer_config("language"),
     ).w_hat
     assert torch.allclose(target.weight, expected, atol=1e-4, rtol=1e-3)
+
+
+@pytest.mark.parametrize(
+    "imports",
+    [
+        "import bivlm_plugin; import llmcompressor",
+        "import llmcompressor; import bivlm_plugin",
+        "import bivlm_plugin.integrations.llmcompressor.quantize",
+        "import bivlm_plugin.integrations.llmcompressor.modifier",
+    ],
+)
+def test_registration_in_any_import_order(imports: str) -> None:
+    import subprocess
+    import sys
+
+    code = (
+        f"{imports}\nfrom llmcompressor.modifiers.factory import ModifierFactory as F\n"
+        "print(F._registered_registry['BiVLMModifier'].__name__)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().endswith("BiVLMModifier")
+
+
+def test_plain_import_does_not_import_llmcompressor() -> None:
+    import subprocess
+    import sys
+
+    code = "import sys, bivlm_plugin, bivlm_plugin.cli; print('llmcompressor' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "False"

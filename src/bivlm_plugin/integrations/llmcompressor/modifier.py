@@ -46,6 +46,8 @@ __all__ = ["BiVLMModifier", "LayerRecord", "register_modifiers"]
 
 logger = logging.getLogger(__name__)
 
+methods.load_all()  # Bi-VLM and the baselines register themselves with the core registry
+
 # Module-name patterns of the vision encoder and of the projector in the supported VLM families
 # (Qwen2-VL / Qwen2.5-VL: visual.*, visual.merger; LLaVA: vision_tower, multi_modal_projector;
 # Idefics3 / SmolVLM: vision_model, connector).
@@ -129,7 +131,6 @@ class BiVLMModifier(Modifier):
     @field_validator("method")
     @classmethod
     def _known_method(cls, value: str) -> str:
-        methods.load_all()
         get_method(value)  # raises ValueError listing the available methods
         return value
 
@@ -243,7 +244,16 @@ class BiVLMModifier(Modifier):
         quantize, _ = get_method(self.method)
         start = time.perf_counter()
         weight = module.weight.data
-        result: QuantResult = quantize(weight.float(), acc.hessian, self.layer_config(part))
+        if acc.n_tokens == 0 or not torch.isfinite(acc.hessian).all():
+            raise ValueError(
+                f"{name}: calibration produced {'no inputs' if acc.n_tokens == 0 else 'NaN/inf'}"
+                " for this layer; check that the calibration data reaches it (for VLMs: images "
+                "with matching image tokens) or add it to `ignore`"
+            )
+        try:
+            result: QuantResult = quantize(weight.float(), acc.hessian, self.layer_config(part))
+        except ValueError as exc:
+            raise ValueError(f"{name} ({part}, {tuple(weight.shape)}): {exc}") from exc
         weight.copy_(result.w_hat.to(weight.dtype))
         seconds = time.perf_counter() - start
         record = LayerRecord(
@@ -326,3 +336,6 @@ def register_modifiers() -> None:
 
     ModifierFactory.register("BiVLMModifier", BiVLMModifier)
     _REGISTERED = True
+
+
+register_modifiers()

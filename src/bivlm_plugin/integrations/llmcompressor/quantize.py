@@ -6,6 +6,7 @@ tokenizer and ``bivlm_report.json`` are all saved: an interrupted run leaves not
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import time
@@ -13,12 +14,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 
 from bivlm_plugin.integrations.llmcompressor.modifier import BiVLMModifier
 from bivlm_plugin.integrations.llmcompressor.recipe import load_recipe, recipe_modifiers
 from bivlm_plugin.utils import atomic_directory, environment_info
 
-__all__ = ["quantize_text_model"]
+__all__ = ["apply_overrides", "parse_override", "quantize_text_model"]
 
 logger = logging.getLogger(__name__)
 
@@ -35,8 +37,13 @@ def quantize_text_model(
     data: str | Path | None = None,
     num_calibration_samples: int | None = None,
     overwrite: bool = False,
+    overrides: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Quantize a causal LM with a recipe, calibrating on protocol P1's WikiText-2 windows.
+
+    Args:
+        overrides: field values set on every modifier of the recipe (``--set key=value``), e.g.
+            for ablations; a field the modifier does not have fails at construction.
 
     Returns:
         The report written to ``output/bivlm_report.json``.
@@ -51,7 +58,7 @@ def quantize_text_model(
     model_dir, output = Path(model_dir), Path(output)
     if output.exists() and not overwrite:
         raise FileExistsError(f"--output {output} exists; pass --overwrite or choose a new folder")
-    parsed = load_recipe(recipe)
+    parsed = apply_overrides(load_recipe(recipe), overrides or {})
     tok = AutoTokenizer.from_pretrained(model_dir)
     windows = p1_windows(tok, "calib", data=data)
     if num_calibration_samples is not None:
@@ -69,7 +76,7 @@ def quantize_text_model(
     start = time.perf_counter()
     oneshot(
         model=model,
-        recipe=str(recipe),
+        recipe=yaml.safe_dump(parsed, sort_keys=False),
         dataset=dataset,
         num_calibration_samples=windows.shape[0],
         max_seq_length=P1.seqlen,
@@ -96,6 +103,26 @@ def quantize_text_model(
     }
     _save_atomically(model, tok, report, output)
     return report
+
+
+def apply_overrides(recipe: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """Set ``overrides`` on every modifier of a parsed recipe (returns a new mapping)."""
+    if not overrides:
+        return recipe
+    out = copy.deepcopy(recipe)
+    for stage in out.values():
+        for group in stage.values():
+            for name in group:
+                group[name] = {**(group[name] or {}), **overrides}
+    return out
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``key=value`` with a YAML value (``n_rings=2``, ``compensate=false``, ``x=[0, 0.01]``)."""
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise ValueError(f"--set {text!r} is not key=value (e.g. --set n_rings=2)")
+    return key.strip(), yaml.safe_load(value)
 
 
 def _framework_summary(model: torch.nn.Module, modifiers: dict[str, dict]) -> dict:

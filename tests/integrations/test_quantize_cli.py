@@ -1,0 +1,88 @@
+"""`bivlm quantize` end to end on a tiny LLaMA: report, atomic output, overrides, P1 eval."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip(
+    "llmcompressor", reason="needs llm-compressor (pip install 'bivlm-plugin[llmcompressor]')"
+)
+
+RECIPES = Path(__file__).resolve().parents[2] / "recipes"
+
+
+def _quantize(model_dir, out, data, *extra):
+    from bivlm_plugin.cli import main
+
+    return main(
+        [
+            "quantize",
+            "--model",
+            str(model_dir),
+            "--recipe",
+            str(RECIPES / "bivlm_lm_w1.yaml"),
+            "--output",
+            str(out),
+            "--data",
+            str(data),
+            "--num-calibration-samples",
+            "2",
+            *extra,
+        ]
+    )
+
+
+def test_quantize_writes_report_and_evaluates(
+    tiny_llama_dir, wikitext_dir, tmp_path, capsys
+) -> None:
+    from bivlm_plugin.cli import main
+
+    out = tmp_path / "q"
+    assert _quantize(tiny_llama_dir, out, wikitext_dir, "--set", "refine_iters=0") == 0
+    report = json.loads((out / "bivlm_report.json").read_text())
+    for key in ("method", "weight_bits", "storage_bits", "seconds", "layers", "format", "note"):
+        assert key in report
+    assert report["method"] == "bivlm" and report["format"] == "fake-quantized bf16"
+    assert report["n_layers"] == 14 and len(report["layers"]) == 14
+    assert 1.0 < report["weight_bits"] < 1.1 and report["storage_bits"] > report["weight_bits"]
+    assert report["calibration"] == {"protocol": "P1", "windows": 2, "seqlen": 512}
+    mod_args = report["recipe"]["quant_stage"]["quant_modifiers"]["BiVLMModifier"]
+    assert mod_args["refine_iters"] == 0  # --set reached the modifier
+    assert not list(tmp_path.glob(".q.*"))  # no temporary folder left behind
+
+    ppl_json = tmp_path / "ppl.json"
+    assert (
+        main(
+            [
+                "eval",
+                "ppl",
+                "--model",
+                str(out),
+                "--data",
+                str(wikitext_dir),
+                "--json",
+                str(ppl_json),
+                "--batch-size",
+                "16",
+            ]
+        )
+        == 0
+    )
+    res = json.loads(ppl_json.read_text())
+    assert res["quantization"]["method"] == "bivlm" and res["n_tokens"] == 32704
+
+
+def test_quantize_refuses_to_overwrite(tiny_llama_dir, wikitext_dir, tmp_path, capsys) -> None:
+    out = tmp_path / "exists"
+    out.mkdir()
+    assert _quantize(tiny_llama_dir, out, wikitext_dir) == 2
+    assert "--overwrite" in capsys.readouterr().err
+
+
+def test_quantize_bad_override_names_field(tiny_llama_dir, wikitext_dir, tmp_path, capsys) -> None:
+    assert _quantize(tiny_llama_dir, tmp_path / "x", wikitext_dir, "--set", "n_ringz=2") == 2
+    assert "n_ringz" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()

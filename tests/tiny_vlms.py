@@ -1,0 +1,163 @@
+"""Tiny random VLMs of each supported family, with matching calibration samples.
+
+Each family gives ``model()`` and ``sample(gen)``: a dict of tensors for one sample, shaped
+exactly as the model's forward takes them (batch dimension included where the family wants
+one), with as many image tokens in the text as the vision tower produces image features.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+TEXT = dict(
+    vocab_size=160,
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=512,
+    bos_token_id=1,
+    eos_token_id=2,
+    pad_token_id=0,
+)
+IMAGE_TOKEN = 150
+SEQ = 48
+
+
+@dataclass(frozen=True)
+class Family:
+    model: Callable[[], torch.nn.Module]
+    sample: Callable[[torch.Generator], dict[str, torch.Tensor]]
+    vision_prefix: str
+    projector_prefix: str
+
+
+def _ids(n_image_tokens: int, gen: torch.Generator) -> torch.Tensor:
+    ids = torch.randint(3, 140, (1, SEQ), generator=gen)
+    ids[:, 2 : 2 + n_image_tokens] = IMAGE_TOKEN
+    return ids
+
+
+def _llava_model():
+    from transformers import (
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+    )
+
+    vc = CLIPVisionConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        image_size=32,
+        patch_size=8,
+        projection_dim=32,
+    )
+    cfg = LlavaConfig(
+        vision_config=vc,
+        text_config=LlamaConfig(**TEXT),
+        image_token_index=IMAGE_TOKEN,
+        vision_feature_layer=-1,
+        vision_feature_select_strategy="default",
+    )
+    return LlavaForConditionalGeneration(cfg)
+
+
+def _llava_sample(gen):
+    # 32x32 image, 8x8 patches -> 16 features (CLS dropped by the "default" strategy).
+    return {"input_ids": _ids(16, gen), "pixel_values": torch.randn(1, 3, 32, 32, generator=gen)}
+
+
+def _qwen2_vl_model():
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+
+    text = dict(TEXT, rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]})
+    vision = dict(
+        depth=2,
+        embed_dim=32,
+        hidden_size=64,
+        num_heads=2,
+        mlp_ratio=2,
+        patch_size=4,
+        spatial_merge_size=2,
+        temporal_patch_size=2,
+        in_channels=3,
+    )
+    cfg = Qwen2VLConfig(
+        text_config=text,
+        vision_config=vision,
+        image_token_id=IMAGE_TOKEN,
+        video_token_id=IMAGE_TOKEN + 1,
+        vision_start_token_id=IMAGE_TOKEN + 2,
+        vision_end_token_id=IMAGE_TOKEN + 3,
+    )
+    return Qwen2VLForConditionalGeneration(cfg)
+
+
+def _qwen2_vl_sample(gen):
+    # Grid t=1, h=4, w=4 -> 16 patches of 3*2*4*4 values; 2x2 merge -> 4 image tokens.
+    ids = _ids(4, gen)
+    return {
+        "input_ids": ids,
+        "pixel_values": torch.randn(16, 96, generator=gen),
+        "image_grid_thw": torch.tensor([[1, 4, 4]]),
+        "mm_token_type_ids": (ids == IMAGE_TOKEN).long(),
+    }
+
+
+def _idefics3_model():
+    from transformers import Idefics3Config, Idefics3ForConditionalGeneration, LlamaConfig
+
+    vision = dict(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        image_size=32,
+        patch_size=8,
+    )
+    cfg = Idefics3Config(
+        vision_config=vision,
+        text_config=LlamaConfig(**TEXT).to_dict(),
+        image_token_id=IMAGE_TOKEN,
+        scale_factor=2,
+    )
+    return Idefics3ForConditionalGeneration(cfg)
+
+
+def _idefics3_sample(gen):
+    # 16 patches, pixel shuffle by 2 -> 4 image tokens; pixel_values is (batch, images, c, h, w).
+    return {"input_ids": _ids(4, gen), "pixel_values": torch.randn(1, 1, 3, 32, 32, generator=gen)}
+
+
+FAMILIES = {
+    "llava": Family(
+        _llava_model, _llava_sample, "model.vision_tower.", "model.multi_modal_projector."
+    ),
+    "qwen2_vl": Family(_qwen2_vl_model, _qwen2_vl_sample, "model.visual.", "model.visual.merger."),
+    "idefics3": Family(
+        _idefics3_model, _idefics3_sample, "model.vision_model.", "model.connector."
+    ),
+}
+
+
+def collate(batch: list[dict]) -> dict[str, torch.Tensor]:
+    """Batch size 1, tensors as stored (they already carry the family's batch dimension)."""
+    if len(batch) != 1:
+        raise ValueError(f"tiny VLM calibration expects batch size 1, got {len(batch)}")
+    return {k: torch.tensor(v) for k, v in batch[0].items()}
+
+
+def dataset(family: str, n: int, seed: int = 0):
+    """An HF Dataset of n calibration samples for ``family``."""
+    from datasets import Dataset
+
+    gen = torch.Generator().manual_seed(seed)
+    samples = [FAMILIES[family].sample(gen) for _ in range(n)]
+    return Dataset.from_dict({k: [s[k].tolist() for s in samples] for k in samples[0]})

@@ -24,9 +24,7 @@ from bivlm_plugin.core.partition import partition
 #   salient: B1 = (-, +), a1 = (10 + 8) / 2 = 9, residual (-1, -1): B2 = (-, -), a2 = 1
 # Row 1: mean -1, deviations (1, 1, 1, 1, 7, -11): salient cols 4, 5.
 #   inliers: alpha 1 -> 0; salient: a1 = 9, residual (-2, -2): B2 = (-, -), a2 = 2
-W_HAND = torch.tensor(
-    [[1.0, -1.0, 3.0, -9.0, 9.0, 3.0], [0.0, 0.0, 0.0, 0.0, 6.0, -12.0]]
-)
+W_HAND = torch.tensor([[1.0, -1.0, 3.0, -9.0, 9.0, 3.0], [0.0, 0.0, 0.0, 0.0, 6.0, -12.0]])
 
 
 def _hand_codes(**kw: str) -> BinaryCodes:
@@ -86,9 +84,7 @@ def _manual_dequantize(c: BinaryCodes) -> torch.Tensor:
     return w
 
 
-@pytest.mark.parametrize(
-    ("scale_mode", "mean_mode"), [("row_ring", "row"), ("ring", "row_subset")]
-)
+@pytest.mark.parametrize(("scale_mode", "mean_mode"), [("row_ring", "row"), ("ring", "row_subset")])
 def test_dequantize_matches_manual(scale_mode: str, mean_mode: str) -> None:
     torch.manual_seed(0)
     w = torch.randn(5, 13)
@@ -124,8 +120,10 @@ def test_grid_requantization_round_trip(n_rings: int) -> None:
     assert torch.equal(cc.signs, c.signs) and torch.equal(cc.ring, c.ring)
     assert torch.equal(cc.sign2, dense_sign2(c))
     # Column blocks (last one narrower: 545 = 4 * 128 + 33) give the same codes as one pass.
-    blocks = [quantize_with_grid(w[:, c0 : c0 + 128], grid, slice(c0, c0 + 128)) for c0 in
-              range(0, 545, 128)]
+    blocks = [
+        quantize_with_grid(w[:, c0 : c0 + 128], grid, slice(c0, c0 + 128))
+        for c0 in range(0, 545, 128)
+    ]
     whole = quantize_with_grid(w, grid, torch.arange(545))
     assert torch.equal(torch.cat([b.w_hat for b in blocks], dim=1), whole.w_hat)
 

@@ -55,6 +55,8 @@ ASSIGN_MODES = ("nearest", "threshold")
 
 # Cap on out * cols * levels floats materialized at once by the nearest-level search.
 _NEAREST_CHUNK_ELEMS = 1 << 24
+# Largest finite float16.
+_FP16_MAX = 65504.0
 
 
 @dataclass(frozen=True)
@@ -364,12 +366,20 @@ def encode(
 
 
 def round_params_fp16(codes: BinaryCodes) -> BinaryCodes:
-    """Round scales and means to fp16 values (kept as float32) so W_hat matches storage."""
+    """Round scales and means to fp16 values (kept as float32) so W_hat matches storage.
+
+    Values beyond the fp16 range are clamped to it (fp16 would store inf, and inf - inf = NaN
+    on dequantization).
+    """
+
+    def to_fp16(t: torch.Tensor) -> torch.Tensor:
+        return t.clamp(-_FP16_MAX, _FP16_MAX).half().float()
+
     return replace(
         codes,
-        alpha_ring=codes.alpha_ring.half().float(),
-        alpha_sal=codes.alpha_sal.half().float(),
-        mu=codes.mu.half().float(),
+        alpha_ring=to_fp16(codes.alpha_ring),
+        alpha_sal=to_fp16(codes.alpha_sal),
+        mu=to_fp16(codes.mu),
     )
 
 

@@ -9,7 +9,12 @@ Pipeline for one (out, in) weight W and Hessian H (or None):
 3. With H and ``compensate``: GPTQ block-wise compensation (``compensate.gptq_compensate``) with
    the grid (means, scales, salient positions) frozen; only signs / rings / second-plane signs are
    re-chosen for compensated columns. The parameters are then re-fitted by least squares on the
-   final codes against tr(R H R^T) (codes kept).
+   final codes against tr(R H R^T) (codes kept). The compensated codes are kept only when they
+   do not raise tr(R H R^T) over the refined ones (``info["compensated"]``). Dead inputs (zero
+   Hessian diagonal) never reach the output: as in GPTQ their weights are zeroed in the
+   compensated weight, and they are never preferred as salient. The mean / scale solves of
+   steps 2 and 3 use H damped by ``percdamp`` (as the compensation does), since calibration
+   Hessians are often rank-deficient.
 4. With ``p_sal_candidates``: every candidate within ``bit_budget`` storage bits is run and the
    one of least tr(R H R^T) (Frobenius error without H) is kept.
 
@@ -132,9 +137,7 @@ class BiVLMConfig:
         _int_at_least("block_size", self.block_size, 1)
         for name in ("refine_weighted", "compensate", "fp16_params"):
             if not isinstance(getattr(self, name), bool):
-                raise ValueError(
-                    f"BiVLMConfig.{name} must be a bool, got {getattr(self, name)!r}"
-                )
+                raise ValueError(f"BiVLMConfig.{name} must be a bool, got {getattr(self, name)!r}")
         if isinstance(self.percdamp, bool) or not 0.0 <= float(self.percdamp) < 1.0:
             raise ValueError(f"BiVLMConfig.percdamp must be in [0, 1), got {self.percdamp!r}")
         if self.p_sal_candidates is not None:
@@ -190,7 +193,10 @@ def _compensate(
     part: Any,
     config: BiVLMConfig,
 ) -> BinaryCodes:
-    """GPTQ pass with a frozen grid; returns codes picked on the compensated columns."""
+    """GPTQ pass with a frozen grid; returns codes picked on the compensated columns.
+
+    ``w`` should already have its dead-input columns zeroed (``_zero_dead``).
+    """
     grid = grid_from_codes(codes, part, config.assign)
     signs = torch.empty(w.shape, dtype=torch.bool, device=w.device)
     ring = torch.empty(w.shape, dtype=torch.uint8, device=w.device)
@@ -206,32 +212,49 @@ def _compensate(
     return codes_from_grid(grid, signs, ring, sign2)
 
 
-def _saliency(w: torch.Tensor, hinv: torch.Tensor | None, config: BiVLMConfig) -> torch.Tensor:
-    """(out, in) salient score of ``config.salient_metric`` (magnitude when H is missing)."""
+def _zero_dead(w: torch.Tensor, dead: torch.Tensor | None) -> torch.Tensor:
+    """``w`` with the columns of dead inputs (zero Hessian diagonal) zeroed, as GPTQ does."""
+    if dead is None or not bool(dead.any()):
+        return w
+    return w.masked_fill(dead.unsqueeze(0), 0.0)
+
+
+def _saliency(
+    w: torch.Tensor,
+    hinv: torch.Tensor | None,
+    config: BiVLMConfig,
+    dead: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """(out, in) salient score of ``config.salient_metric`` (magnitude when H is missing).
+
+    With a Hessian score, dead inputs score 0 (their weights never reach the output), so they
+    are salient only when a row has nothing better.
+    """
     mu, _ = row_stats(w, config.stats)
     if config.salient_metric == "magnitude" or hinv is None:
         return saliency_score(w, mu)
     d = torch.diagonal(hinv)
     if config.salient_metric == "hessian":
-        return saliency_score(w, mu, d)
+        return _zero_dead(saliency_score(w, mu, d), dead)
     # "hessian_error": the error a weight would cost as an inlier (nearest level of a
     # salient-free binarization), over d_j^2: the OBS cost of not protecting it.
     part0 = partition(w, 0.0, config.n_rings, config.stats)
     grid0 = grid_from_codes(encode(w, part0, config.scale_mode, config.mean_mode))
     inlier_err = w - quantize_with_grid(w, grid0, slice(None)).w_hat
-    return saliency_score(inlier_err, torch.zeros_like(mu), d)
+    return _zero_dead(saliency_score(inlier_err, torch.zeros_like(mu), d), dead)
 
 
 def _run_candidate(
     w: torch.Tensor,
     h: torch.Tensor | None,
     hinv: torch.Tensor | None,
+    dead: torch.Tensor | None,
     p_sal: float,
     config: BiVLMConfig,
     bit_budget: float | None,
 ) -> _Candidate | BitCount:
     """One full pipeline at salient share ``p_sal``; returns the bit count alone if over budget."""
-    score = _saliency(w, hinv, config)
+    score = _saliency(w, hinv, config, dead)
     part = partition(w, p_sal, config.n_rings, config.stats, config.salient_select, score)
     codes = encode(w, part, config.scale_mode, config.mean_mode)
     # Bits depend only on the shape and the salient positions, fixed from here on.
@@ -241,13 +264,28 @@ def _run_candidate(
     info: dict[str, Any] = {}
     h_refine = h if config.refine_weighted else None
     if config.refine_iters:
-        res = refine(w, codes, h_refine, config.refine_iters, part=part, assign=config.assign)
+        res = refine(
+            w,
+            codes,
+            h_refine,
+            config.refine_iters,
+            part=part,
+            assign=config.assign,
+            percdamp=config.percdamp,
+        )
         codes = res.codes
         info["refine_errors"] = res.errors
     if config.compensate and hinv is not None:
-        codes = _compensate(w, codes, hinv, part, config)
+        w_live = _zero_dead(w, dead)
+        comp = _compensate(w_live, codes, hinv, part, config)
         if config.refit_iters:
-            codes = refit(w, codes, h, config.refit_iters)
+            comp = refit(w_live, comp, h, config.refit_iters, config.percdamp)
+        # GPTQ's greedy pass with a frozen 1-bit grid is not guaranteed to lower tr(R H R^T)
+        # (it can raise it on rank-deficient calibration Hessians); keep the better codes.
+        err_comp = layer_error(w, dequantize(comp), h)
+        info["compensated"] = err_comp <= layer_error(w, dequantize(codes), h)
+        if info["compensated"]:
+            codes = comp
     if config.fp16_params:
         codes = round_params_fp16(codes)
     w_hat = dequantize(codes)
@@ -282,14 +320,14 @@ def quantize_bivlm(
     _check_inputs(weight, hessian)
     w = weight.detach().to(torch.float32)
     h = None if hessian is None else hessian.detach().to(w.device, torch.float32)
-    hinv = None
+    hinv = dead = None
     if h is not None and (config.compensate or config.salient_metric == "hessian"):
-        hinv, _dead = inverse_cholesky(h, config.percdamp)
+        hinv, dead = inverse_cholesky(h, config.percdamp)
     candidates = config.p_sal_candidates or (config.p_sal,)
     runs: list[_Candidate] = []
     over: list[tuple[float, BitCount]] = []
     for p in candidates:
-        out = _run_candidate(w, h, hinv, p, config, config.bit_budget)
+        out = _run_candidate(w, h, hinv, dead, p, config, config.bit_budget)
         if isinstance(out, BitCount):
             over.append((float(p), out))
         else:

@@ -56,9 +56,7 @@ def _check_shares(p_sal: float, n_rings: int) -> None:
         )
 
 
-def gaussian_thresholds(
-    sigma: torch.Tensor | float, p_sal: float, n_rings: int
-) -> torch.Tensor:
+def gaussian_thresholds(sigma: torch.Tensor | float, p_sal: float, n_rings: int) -> torch.Tensor:
     """Ring thresholds t_1..t_N on |w - mu| for a Gaussian of std ``sigma``.
 
     t_k = sigma * PhiInv((1 + k * p_uns) / 2) with p_uns = (1 - p_sal) / N. With p_sal = 0 the

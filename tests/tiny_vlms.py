@@ -161,3 +161,51 @@ def dataset(family: str, n: int, seed: int = 0):
     gen = torch.Generator().manual_seed(seed)
     samples = [FAMILIES[family].sample(gen) for _ in range(n)]
     return Dataset.from_dict({k: [s[k].tolist() for s in samples] for k in samples[0]})
+
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}{{ m['role'] }}:{% for c in m['content'] %}"
+    "{% if c['type'] == 'image' %} <image>{% else %} {{ c['text'] }}{% endif %}{% endfor %}\n"
+    "{% endfor %}{% if add_generation_prompt %}assistant:{% endif %}"
+)
+
+
+def save_llava_with_processor(path) -> None:
+    """A tiny LLaVA plus a real LlavaProcessor (CLIP image processor, word-level tokenizer over
+    easy-VQA's words, a chat template), saved as a folder ``bivlm quantize`` can read."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import CLIPImageProcessor, LlavaProcessor, PreTrainedTokenizerFast
+
+    words = (
+        "user assistant : ? what is the color of shape does image contain a an there not "
+        "in circle green red gray yes teal black rectangle yellow triangle brown blue no"
+    )
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2}
+    for w in words.split():
+        vocab.setdefault(w, len(vocab))
+    vocab["<image>"] = IMAGE_TOKEN
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        unk_token="<unk>",
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<unk>",
+        extra_special_tokens={"image_token": "<image>"},
+    )
+    image_processor = CLIPImageProcessor(
+        size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}
+    )
+    processor = LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=fast,
+        patch_size=8,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+        chat_template=CHAT_TEMPLATE,
+        image_token="<image>",
+    )
+    torch.manual_seed(0)
+    FAMILIES["llava"].model().save_pretrained(path)
+    processor.save_pretrained(path)

@@ -81,7 +81,7 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
     try:
         from bivlm_plugin.integrations.llmcompressor.quantize import (
             parse_override,
-            quantize_text_model,
+            quantize_model,
         )
     except ModuleNotFoundError as exc:
         raise ModuleNotFoundError(
@@ -89,7 +89,7 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
             "`pip install 'bivlm-plugin[llmcompressor]'` or run scripts/setup.sh"
         ) from exc
 
-    report = quantize_text_model(
+    report = quantize_model(
         args.model,
         args.recipe,
         args.output,

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 pytest.importorskip(
     "llmcompressor", reason="needs llm-compressor (pip install 'bivlm-plugin[llmcompressor]')"
@@ -86,3 +87,48 @@ def test_quantize_bad_override_names_field(tiny_llama_dir, wikitext_dir, tmp_pat
     assert _quantize(tiny_llama_dir, tmp_path / "x", wikitext_dir, "--set", "n_ringz=2") == 2
     assert "n_ringz" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+def test_quantize_vlm_calibrates_on_easy_vqa(tmp_path) -> None:
+    pytest.importorskip("easy_vqa", reason="needs easy-vqa==1.0 (scripts/setup.sh installs it)")
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from bivlm_plugin.cli import main
+    from tiny_vlms import save_llava_with_processor
+
+    src, out = tmp_path / "llava", tmp_path / "q"
+    save_llava_with_processor(src)
+    assert (
+        main(
+            [
+                "quantize",
+                "--model",
+                str(src),
+                "--recipe",
+                str(RECIPES / "bivlm_vlm_w1.yaml"),
+                "--output",
+                str(out),
+                "--num-calibration-samples",
+                "3",
+            ]
+        )
+        == 0
+    )
+    report = json.loads((out / "bivlm_report.json").read_text())
+    assert report["calibration"]["samples"] == 3
+    parts = {lay["part"] for lay in report["layers"]}
+    assert parts == {"language", "vision"}  # whole-VLM setting of the recipe
+    assert not any("multi_modal_projector" in lay["name"] for lay in report["layers"])
+    # The saved folder loads back with its processor and runs on an image-question pair.
+    model = AutoModelForImageTextToText.from_pretrained(out)
+    processor = AutoProcessor.from_pretrained(out)
+    from bivlm_plugin.eval.vqa_data import easy_vqa_items
+
+    item = easy_vqa_items("test", 1)[0]
+    text = processor.apply_chat_template(
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": item.question}]}],
+        add_generation_prompt=True,
+        tokenize=False,
+    )
+    enc = processor(text=text, images=[item.image()], return_tensors="pt")
+    assert torch.isfinite(model(**enc).logits).all()

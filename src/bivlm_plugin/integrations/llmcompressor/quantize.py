@@ -10,6 +10,7 @@ import copy
 import json
 import logging
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,7 @@ from bivlm_plugin.integrations.llmcompressor.modifier import BiVLMModifier
 from bivlm_plugin.integrations.llmcompressor.recipe import load_recipe, recipe_modifiers
 from bivlm_plugin.utils import atomic_directory, environment_info
 
-__all__ = ["apply_overrides", "parse_override", "quantize_text_model"]
+__all__ = ["apply_overrides", "parse_override", "quantize_model", "quantize_text_model"]
 
 logger = logging.getLogger(__name__)
 
@@ -30,7 +31,18 @@ FAKE_QUANT_NOTE = (
 )
 
 
-def quantize_text_model(
+@dataclass
+class _Calibration:
+    model: torch.nn.Module
+    processor: Any
+    dataset: Any
+    collator: Any
+    n_samples: int
+    max_seq_length: int
+    info: dict[str, Any]
+
+
+def quantize_model(
     model_dir: str | Path,
     recipe: str | Path,
     output: str | Path,
@@ -39,7 +51,11 @@ def quantize_text_model(
     overwrite: bool = False,
     overrides: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Quantize a causal LM with a recipe, calibrating on protocol P1's WikiText-2 windows.
+    """Quantize a model folder with a recipe and save it (atomically) with a bit report.
+
+    Text models calibrate on protocol P1's WikiText-2 windows (128 x 512 tokens); VLMs (a config
+    with a ``vision_config``) on easy-VQA train image-question-answer triples (128 by default),
+    formatted with the processor's chat template.
 
     Args:
         overrides: field values set on every modifier of the recipe (``--set key=value``), e.g.
@@ -48,38 +64,30 @@ def quantize_text_model(
     Returns:
         The report written to ``output/bivlm_report.json``.
     """
-    from datasets import Dataset
     from llmcompressor import oneshot
     from llmcompressor.core import active_session
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from bivlm_plugin.eval.data import P1, p1_windows
+    from transformers import AutoConfig
 
     model_dir, output = Path(model_dir), Path(output)
     if output.exists() and not overwrite:
         raise FileExistsError(f"--output {output} exists; pass --overwrite or choose a new folder")
+    if not (model_dir / "config.json").is_file():
+        raise FileNotFoundError(f"--model {model_dir} is not a model folder (no config.json)")
     parsed = apply_overrides(load_recipe(recipe), overrides or {})
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    windows = p1_windows(tok, "calib", data=data)
-    if num_calibration_samples is not None:
-        if not 0 < num_calibration_samples <= windows.shape[0]:
-            raise ValueError(
-                f"num_calibration_samples must be in 1..{windows.shape[0]}, "
-                f"got {num_calibration_samples}"
-            )
-        windows = windows[:num_calibration_samples]
-    dataset = Dataset.from_dict(
-        {"input_ids": windows.tolist(), "attention_mask": torch.ones_like(windows).tolist()}
+    is_vlm = getattr(AutoConfig.from_pretrained(model_dir), "vision_config", None) is not None
+    calib = (_vlm_calibration if is_vlm else _text_calibration)(
+        model_dir, data, num_calibration_samples
     )
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16)
 
     start = time.perf_counter()
     oneshot(
-        model=model,
+        model=calib.model,
+        processor=calib.processor,
         recipe=yaml.safe_dump(parsed, sort_keys=False),
-        dataset=dataset,
-        num_calibration_samples=windows.shape[0],
-        max_seq_length=P1.seqlen,
+        dataset=calib.dataset,
+        data_collator=calib.collator,
+        num_calibration_samples=calib.n_samples,
+        max_seq_length=calib.max_seq_length,
         shuffle_calibration_samples=False,
     )
     seconds = time.perf_counter() - start
@@ -89,7 +97,7 @@ def quantize_text_model(
         summary = _merge([m.summary() for m in ours])
         fmt = {"format": "fake-quantized bf16", "note": FAKE_QUANT_NOTE}
     else:
-        summary = _framework_summary(model, recipe_modifiers(parsed))
+        summary = _framework_summary(calib.model, recipe_modifiers(parsed))
         fmt = {"format": "compressed-tensors (llm-compressor's own)"}
     report = {
         **{k: v for k, v in summary.items() if k != "layers"},
@@ -97,12 +105,89 @@ def quantize_text_model(
         **fmt,
         "recipe": parsed,
         "source_model": str(model_dir.resolve()),
-        "calibration": {"protocol": P1.name, "windows": int(windows.shape[0]), "seqlen": P1.seqlen},
+        "calibration": calib.info,
         "environment": environment_info(),
         "layers": summary.get("layers", []),
     }
-    _save_atomically(model, tok, report, output)
+    _save_atomically(calib.model, calib.processor, report, output)
     return report
+
+
+quantize_text_model = quantize_model  # the name of the text-only first version
+
+
+def _check_count(n: int | None, available: int) -> int:
+    if n is None:
+        return available
+    if not 0 < n <= available:
+        raise ValueError(f"num_calibration_samples must be in 1..{available}, got {n}")
+    return n
+
+
+def _text_calibration(model_dir: Path, data, n: int | None) -> _Calibration:
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from bivlm_plugin.eval.data import P1, p1_windows
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    windows = p1_windows(tok, "calib", data=data)
+    windows = windows[: _check_count(n, windows.shape[0])]
+    dataset = Dataset.from_dict(
+        {"input_ids": windows.tolist(), "attention_mask": torch.ones_like(windows).tolist()}
+    )
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16)
+    info = {"protocol": P1.name, "windows": int(windows.shape[0]), "seqlen": P1.seqlen}
+    return _Calibration(model, tok, dataset, "truncation", int(windows.shape[0]), P1.seqlen, info)
+
+
+VLM_CALIBRATION_SAMPLES = 128
+
+
+def _vlm_calibration(model_dir: Path, data, n: int | None) -> _Calibration:
+    from datasets import Dataset
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from bivlm_plugin.eval.vqa_data import easy_vqa_items
+
+    if data is not None:
+        raise ValueError("--data is for text models (WikiText-2); VLMs calibrate on easy-VQA")
+    processor = AutoProcessor.from_pretrained(model_dir)
+    if getattr(processor, "chat_template", None) is None:
+        raise ValueError(
+            f"the processor in {model_dir} has no chat template; VLM calibration formats each "
+            "image-question-answer triple with it. Save the processor with a chat_template."
+        )
+    items = easy_vqa_items("train", _check_count(n, VLM_CALIBRATION_SAMPLES))
+    rows = []
+    for item in items:
+        messages = [
+            {
+                "role": "user",
+                "content": [{"type": "image"}, {"type": "text", "text": item.question}],
+            },
+            {"role": "assistant", "content": [{"type": "text", "text": item.answer}]},
+        ]
+        text = processor.apply_chat_template(messages, tokenize=False)
+        enc = processor(text=text, images=[item.image()], return_tensors="pt")
+        rows.append({k: v.tolist() for k, v in enc.items()})
+    longest = max(len(r["input_ids"][0]) for r in rows)
+    model = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=torch.bfloat16)
+    info = {"data": "easy-VQA train (first triples, file order)", "samples": len(rows)}
+    return _Calibration(
+        model, processor, Dataset.from_list(rows), _collate_one, len(rows), longest, info
+    )
+
+
+def _collate_one(batch: list[dict]) -> dict[str, torch.Tensor]:
+    """Batch size 1: samples are stored exactly as the processor returned them."""
+    if len(batch) != 1:
+        raise ValueError(f"VLM calibration runs with batch size 1, got {len(batch)}")
+    out = {}
+    for key, value in batch[0].items():
+        t = torch.tensor(value)
+        out[key] = t.to(torch.bfloat16) if t.is_floating_point() else t
+    return out
 
 
 def apply_overrides(recipe: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:

@@ -1,0 +1,84 @@
+"""The AVX512 CPU kernel against the reference over awkward shapes, batches, dtypes and rings.
+
+Tolerance: ||y - y_ref|| / ||y_ref|| below 1e-5 (fp32 out), 2e-3 (fp16 out), 1e-2 (bf16 out):
+both accumulate in fp32 in different orders, then round to the output dtype (bf16 keeps 8
+mantissa bits: 2^-8 = 0.004 per element).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+
+from bivlm_plugin.format import layout_of, pack, shard_columns
+from bivlm_plugin.format.synthetic import random_codes
+from bivlm_plugin.kernels.reference import binary_linear_reference
+
+SHAPES = [(1, 32), (7, 33), (64, 576), (576, 1536), (830, 545)]
+TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+MODES = {1: ("row_ring", "row"), 2: ("ring", "row_subset"), 4: ("row_ring", "row_subset")}
+
+
+@pytest.fixture(scope="module")
+def cpu_kernel():
+    from bivlm_plugin.kernels import cpu
+
+    reason = cpu._cpu_reason()
+    if reason:
+        pytest.skip(reason)
+    if cpu.load_extension() is None:
+        pytest.skip(f"the AVX512 kernel did not build: {cpu._STATE.get('error')}")
+    return cpu.CpuKernel
+
+
+@functools.cache
+def _layer(o: int, i: int, n: int):
+    sm, mm = MODES[n]
+    codes = random_codes(o, i, n, k=max(1, round(0.02 * i)), scale_mode=sm, mean_mode=mm, seed=o)
+    return pack(codes), layout_of(codes)
+
+
+def _rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((y.float() - ref.float()).norm() / ref.float().norm().clamp_min(1e-30))
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
+@pytest.mark.parametrize("n_rings", [1, 2, 4])
+def test_cpu_kernel_matches_reference(cpu_kernel, shape, n_rings) -> None:
+    packed, layout = _layer(*shape, n_rings)
+    g = torch.Generator().manual_seed(0)
+    bias = torch.randn(shape[0], generator=g)
+    for batch in (1, 3, 8, 64):
+        x32 = torch.randn(batch, shape[1], generator=g)
+        for dtype, tol in TOL.items():
+            x = x32.to(dtype)
+            ok, reason = cpu_kernel.can_implement(x, layout)
+            assert ok, reason
+            b = bias if batch == 3 else None
+            y = cpu_kernel.run(x, packed, layout, b)
+            ref = binary_linear_reference(x, packed, layout, b)
+            assert y.dtype == dtype and y.shape == (batch, shape[0])
+            err = _rel_err(y, ref)
+            assert err < tol, (batch, dtype, err)
+
+
+def test_cpu_kernel_variable_k_shard_and_3d_input(cpu_kernel) -> None:
+    codes = random_codes(40, 300, 2, k=7, seed=3)
+    packed, layout = pack(codes), layout_of(codes)
+    sp, sl = shard_columns(packed, layout, 64, 300)
+    assert sl.variable_k
+    x = torch.randn(2, 5, 236)
+    err = _rel_err(cpu_kernel.run(x, sp, sl, None), binary_linear_reference(x, sp, sl))
+    assert err < TOL[torch.float32]
+
+
+def test_cpu_kernel_declines_with_reasons(cpu_kernel) -> None:
+    _, layout = _layer(7, 33, 1)
+    ok, reason = cpu_kernel.can_implement(torch.zeros(1, 33, dtype=torch.float64), layout)
+    assert not ok and "dtype" in reason
+    from dataclasses import replace
+
+    ok, reason = cpu_kernel.can_implement(torch.zeros(1, 33), replace(layout, n_rings=5))
+    assert not ok and "n_rings" in reason

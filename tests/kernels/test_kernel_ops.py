@@ -1,0 +1,97 @@
+"""The ``bivlm::binary_linear`` custom op, its fake impl, the chooser and the reference."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from bivlm_plugin.core.binarize import dequantize
+from bivlm_plugin.format import layout_of, pack
+from bivlm_plugin.format.synthetic import random_codes
+from bivlm_plugin.kernels.chooser import choose_kernel
+from bivlm_plugin.kernels.ops import binary_linear
+from bivlm_plugin.kernels.reference import binary_linear_reference
+
+
+@pytest.fixture(scope="module")
+def layer():
+    codes = random_codes(9, 70, 2, k=3, scale_mode="ring", mean_mode="row_subset", seed=1)
+    return codes, pack(codes), layout_of(codes)
+
+
+def test_reference_is_x_times_dequantized(layer) -> None:
+    codes, packed, layout = layer
+    x = torch.randn(4, 70, dtype=torch.float64).to(torch.float32)
+    bias = torch.randn(9)
+    want = x @ dequantize(codes).T + bias
+    assert torch.equal(binary_linear_reference(x, packed, layout, bias), want)
+    xb = x.to(torch.bfloat16)
+    got = binary_linear_reference(xb, packed, layout)
+    assert got.dtype == torch.bfloat16
+    assert torch.equal(got, (xb.float() @ dequantize(codes).T).to(torch.bfloat16))
+    with pytest.raises(ValueError, match="input features"):
+        binary_linear_reference(torch.zeros(1, 71), packed, layout)
+
+
+@pytest.mark.parametrize("forced", ["reference", "cpu"])
+def test_op_matches_reference(layer, forced, monkeypatch) -> None:
+    _, packed, layout = layer
+    if forced == "cpu":
+        from bivlm_plugin.kernels import cpu
+
+        if not cpu.CpuKernel.can_implement(torch.zeros(1, 70), layout)[0]:
+            pytest.skip(cpu.CpuKernel.can_implement(torch.zeros(1, 70), layout)[1])
+    monkeypatch.setenv("BIVLM_KERNEL", forced)
+    x = torch.randn(2, 3, 70)
+    y = binary_linear(x, packed, layout)
+    ref = binary_linear_reference(x, packed, layout)
+    assert y.shape == (2, 3, 9)
+    assert torch.allclose(y, ref, rtol=1e-5, atol=1e-6)
+
+
+def test_op_fake_impl_and_opcheck(layer, monkeypatch) -> None:
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    _, packed, layout = layer
+    monkeypatch.setenv("BIVLM_KERNEL", "reference")
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        y = binary_linear(torch.empty(5, 70, dtype=torch.bfloat16), packed, layout)
+    assert y.shape == (5, 9) and y.dtype == torch.bfloat16
+    x = torch.randn(3, 70)
+    args = (
+        x,
+        packed["signs"],
+        packed["rings"],
+        packed["scales"],
+        packed["mean"],
+        packed["salient_idx"],
+        packed["salient_scales"],
+        packed["salient_sign2"],
+        None,
+        None,
+        70,
+    )
+    torch.library.opcheck(
+        torch.ops.bivlm.binary_linear.default,
+        args,
+        test_utils=("test_schema", "test_faketensor"),
+    )
+
+
+def test_chooser_env_and_debug_log(layer, monkeypatch, caplog) -> None:
+    _, _, layout = layer
+    x = torch.randn(1, 70)
+    monkeypatch.setenv("BIVLM_KERNEL", "nope")
+    with pytest.raises(ValueError, match="not a kernel"):
+        choose_kernel(x, layout)
+    monkeypatch.setenv("BIVLM_KERNEL", "triton")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(ValueError, match="cannot run this call"):
+        choose_kernel(x, layout)
+    monkeypatch.delenv("BIVLM_KERNEL")
+    with caplog.at_level(logging.DEBUG, logger="bivlm_plugin.kernels.chooser"):
+        kern = choose_kernel(x, layout)
+    assert kern.name in ("cpu", "reference")
+    assert "kernel triton declined" in caplog.text

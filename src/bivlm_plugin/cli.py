@@ -4,6 +4,7 @@
     bivlm zoo build smollm2-135m
     bivlm eval ppl --model DIR [--json FILE] [--data DIR]
     bivlm quantize --model DIR --recipe FILE --output DIR
+    bivlm bench kernel --json FILE
 
 Heavy imports happen inside the commands so ``bivlm --help`` stays instant.
 """
@@ -106,6 +107,21 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench_kernel(args: argparse.Namespace) -> int:
+    from bivlm_plugin.kernels.bench import main as bench_main
+
+    argv = ["--repeats", str(args.repeats), "--n-rings", str(args.n_rings)]
+    for flag, value in (
+        ("--json", args.json),
+        ("--shapes", args.shapes),
+        ("--batches", args.batches),
+    ):
+        if value:
+            argv += [flag, value]
+    bench_main(argv)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="bivlm", description=__doc__.split("\n\n")[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -155,6 +171,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="override a modifier field of the recipe (repeatable), e.g. n_rings=2",
     )
     p.set_defaults(func=_cmd_quantize)
+
+    bench = sub.add_parser("bench", help="benchmarks (ratios against a peer, same process)")
+    bench_sub = bench.add_subparsers(dest="bench_command", required=True)
+    p = bench_sub.add_parser("kernel", help="binary GEMV/GEMM vs bf16 F.linear, same process")
+    p.add_argument("--json", help="write the results (speedup_vs_bf16 per shape and batch)")
+    p.add_argument("--repeats", type=int, default=20)
+    p.add_argument("--n-rings", type=int, default=1)
+    p.add_argument("--shapes", help="e.g. 4096x4096,576x576 (default: 4096x4096 + SmolLM2's)")
+    p.add_argument("--batches", help="e.g. 1,8,64 (default)")
+    p.set_defaults(func=_cmd_bench_kernel)
     return parser
 
 

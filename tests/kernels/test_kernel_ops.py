@@ -95,3 +95,33 @@ def test_chooser_env_and_debug_log(layer, monkeypatch, caplog) -> None:
         kern = choose_kernel(x, layout)
     assert kern.name in ("cpu", "reference")
     assert "kernel triton declined" in caplog.text
+
+
+def test_cli_bench_kernel_writes_speedups(tmp_path) -> None:
+    import json
+
+    from bivlm_plugin.cli import main
+
+    out = tmp_path / "bench.json"
+    assert (
+        main(
+            [
+                "bench",
+                "kernel",
+                "--shapes",
+                "64x96",
+                "--batches",
+                "1,3",
+                "--repeats",
+                "2",
+                "--json",
+                str(out),
+            ]
+        )
+        == 0
+    )
+    res = json.loads(out.read_text())
+    cases = {(c["out"], c["in"], c["batch"]) for c in res["cases"]}
+    assert cases == {(64, 96, 1), (64, 96, 3)}
+    assert all(c["speedup_vs_bf16"] > 0 for c in res["cases"])
+    assert res["environment"]["packages"]["torch"]

@@ -124,8 +124,12 @@ def main(argv: Sequence[str] | None = None) -> None:
             f"  bf16 {c['bf16_ms']:.3f} ms  speedup {c['speedup_vs_bf16']:.2f}x"
         )
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(res, f, indent=1)
+        from pathlib import Path
+
+        from bivlm_plugin.utils import atomic_write_text, environment_info
+
+        res["environment"] = environment_info()
+        atomic_write_text(Path(args.json), json.dumps(res, indent=1) + "\n")
 
 
 if __name__ == "__main__":

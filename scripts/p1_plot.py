@@ -26,8 +26,13 @@ def main(out: str, paths: list[str]) -> None:
         method = q.get("method", "fp")
         color = {"bivlm": "C0", "GPTQModifier": "C1"}.get(method, "C2")
         ax.scatter(q.get("storage_bits", 16), res["ppl"], color=color, zorder=3)
-        ax.annotate(name, (q.get("storage_bits", 16), res["ppl"]), fontsize=8,
-                    xytext=(4, 4), textcoords="offset points")
+        ax.annotate(
+            name,
+            (q.get("storage_bits", 16), res["ppl"]),
+            fontsize=8,
+            xytext=(4, 4),
+            textcoords="offset points",
+        )
     ax.set_yscale("log")
     ax.set_xlabel("storage bits per weight (every stored tensor counted)")
     ax.set_ylabel("P1 perplexity (WikiText-2 test, log scale)")

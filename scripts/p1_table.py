@@ -17,11 +17,16 @@ def row(path: Path) -> str:
     overrides = ""
     mods = next(iter(next(iter(q.get("recipe", {}).values()), {}).values()), {})
     for args in mods.values():
-        overrides = ", ".join(f"{k}={v}" for k, v in sorted(args.items())
-                              if k not in ("targets", "ignore", "config_groups"))
-    return (f"| {path.stem} | {q.get('method', 'fp')} | {q.get('weight_bits', 16):.3f} | "
-            f"{q.get('storage_bits', 16):.3f} | {res['ppl']:.2f} | {q.get('seconds', 0):.0f} | "
-            f"{overrides} | {date} |")
+        overrides = ", ".join(
+            f"{k}={v}"
+            for k, v in sorted(args.items())
+            if k not in ("targets", "ignore", "config_groups")
+        )
+    return (
+        f"| {path.stem} | {q.get('method', 'fp')} | {q.get('weight_bits', 16):.3f} | "
+        f"{q.get('storage_bits', 16):.3f} | {res['ppl']:.2f} | {q.get('seconds', 0):.0f} | "
+        f"{overrides} | {date} |"
+    )
 
 
 if __name__ == "__main__":

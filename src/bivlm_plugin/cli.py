@@ -3,7 +3,7 @@
     bivlm zoo list
     bivlm zoo build smollm2-135m
     bivlm eval ppl --model DIR [--json FILE] [--data DIR]
-    bivlm quantize --model DIR --recipe FILE --output DIR
+    bivlm quantize --model DIR --recipe FILE --output DIR [--fake-quant]
     bivlm bench kernel --json FILE
 
 Heavy imports happen inside the commands so ``bivlm --help`` stays instant.
@@ -98,11 +98,17 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
         num_calibration_samples=args.num_calibration_samples,
         overwrite=args.overwrite,
         overrides=dict(parse_override(t) for t in args.set),
+        fake_quant=args.fake_quant,
     )
     print(
         f"{report['method']}: {report['n_layers']} layers, {report['weight_bits']:.3f} weight "
         f"bits, {report['storage_bits']:.3f} storage bits per weight, {report['seconds']:.1f} s"
     )
+    if report.get("storage_bits_from_files") is not None:
+        print(
+            f"{report['format']}: {report['packed_layers']} packed layers, "
+            f"{report['storage_bits_from_files']:.3f} bits per weight in the saved files"
+        )
     print(Path(args.output).resolve())
     return 0
 
@@ -163,6 +169,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="use the first N of P1's 128 calibration windows",
     )
     p.add_argument("--overwrite", action="store_true", help="replace an existing --output")
+    p.add_argument(
+        "--fake-quant",
+        action="store_true",
+        help="save dequantized bf16 weights instead of the packed bivlm-binary format",
+    )
     p.add_argument(
         "--set",
         action="append",

@@ -46,7 +46,13 @@ def test_quantize_writes_report_and_evaluates(
     report = json.loads((out / "bivlm_report.json").read_text())
     for key in ("method", "weight_bits", "storage_bits", "seconds", "layers", "format", "note"):
         assert key in report
-    assert report["method"] == "bivlm" and report["format"] == "fake-quantized bf16"
+    assert report["method"] == "bivlm" and report["format"] == "bivlm-binary"  # packed
+    # Bits counted from the safetensors files vs the quantizer's own count: the files add byte
+    # padding (the second salient plane is stored as whole bytes per row: 8 bits for k=1 where
+    # count_bits charges 1) and drop the 16 bits count_bits charges for k (a tensor shape in the
+    # files). On these 64/96-wide layers that is +0.0897 bits per weight, measured.
+    diff = report["storage_bits_from_files"] - report["storage_bits"]
+    assert 0.0 <= diff <= 7 / 64 + 1e-9
     assert report["n_layers"] == 14 and len(report["layers"]) == 14
     assert 1.0 < report["weight_bits"] < 1.1 and report["storage_bits"] > report["weight_bits"]
     assert report["calibration"] == {"protocol": "P1", "windows": 2, "seqlen": 512}

@@ -125,3 +125,29 @@ def test_cli_bench_kernel_writes_speedups(tmp_path) -> None:
     assert cases == {(64, 96, 1), (64, 96, 3)}
     assert all(c["speedup_vs_bf16"] > 0 for c in res["cases"])
     assert res["environment"]["packages"]["torch"]
+
+
+def test_many_rows_prefer_dequant_gemm_and_match_reference(monkeypatch) -> None:
+    from bivlm_plugin.format.codes import layout_of, pack
+    from bivlm_plugin.format.synthetic import random_codes
+    from bivlm_plugin.kernels import cpu
+    from bivlm_plugin.kernels.reference import binary_linear_reference
+    from bivlm_plugin.kernels.reference_kernel import DequantGemmKernel
+
+    monkeypatch.delenv("BIVLM_KERNEL", raising=False)
+    codes = random_codes(24, 70, n_rings=2, k=3, seed=3)
+    packed, layout = pack(codes), layout_of(codes)
+    many = torch.randn(2, 9, 70)
+    assert (
+        choose_kernel(many, layout) is DequantGemmKernel
+        or not cpu.CpuKernel.can_implement(many, layout)[0]
+    )
+    assert choose_kernel(many, layout).name in ("dequant_gemm", "triton")
+    for dtype, tol in ((torch.float32, 1e-6), (torch.bfloat16, 2e-2)):
+        x = many.to(dtype)
+        got = DequantGemmKernel.run(x, packed, layout, None).float()
+        want = binary_linear_reference(x, packed, layout).float()
+        assert float((got - want).norm() / want.norm()) < tol
+    monkeypatch.setenv("BIVLM_CPU_MAX_ROWS", "64")
+    if cpu.CpuKernel.can_implement(many, layout)[0]:
+        assert choose_kernel(many, layout) is cpu.CpuKernel

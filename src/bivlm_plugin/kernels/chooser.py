@@ -78,6 +78,9 @@ def choose_kernel(x: torch.Tensor, layout: BivlmLayout) -> type[BinaryLinearKern
         return by_name[forced]
     for kernel in kernels:
         ok, reason = kernel.can_implement(x, layout)
+        if ok and hasattr(kernel, "worthwhile"):
+            # Capability is not enough: a GEMV kernel loses to dequantize-then-GEMM on many rows.
+            ok, reason = kernel.worthwhile(x, layout)
         if ok:
             return kernel
         logger.debug("kernel %s declined: %s", kernel.name, reason)

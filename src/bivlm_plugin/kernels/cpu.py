@@ -30,6 +30,7 @@ logger = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).parent / "csrc" / "binary_gemv_avx512.cpp"
 CFLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512dq", "-mavx512vl", "-fopenmp"]
+CPU_MAX_ROWS = 4
 MAX_RINGS = 4
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -103,6 +104,19 @@ class CpuKernel:
             return False, f"n_rings={layout.n_rings} > {MAX_RINGS} is not compiled"
         if load_extension() is None:
             return False, str(_STATE["error"])
+        return True, ""
+
+    @classmethod
+    def worthwhile(cls, x: torch.Tensor, layout: BivlmLayout) -> tuple[bool, str]:
+        """Decline many activation rows: dequantize-then-GEMM wins there (kernels/bench.py
+        measured speedups below 1 from batch 8 on every SmolLM2 shape, 2026-11-27)."""
+        rows = x.numel() // max(1, layout.in_features)
+        limit = int(os.environ.get("BIVLM_CPU_MAX_ROWS", CPU_MAX_ROWS))
+        if rows > limit:
+            return False, (
+                f"{rows} activation rows > {limit} (BIVLM_CPU_MAX_ROWS): dequantize-then-GEMM "
+                "is faster there"
+            )
         return True, ""
 
     @classmethod

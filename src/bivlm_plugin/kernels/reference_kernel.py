@@ -1,11 +1,21 @@
-"""The reference kernel as a registry entry (runs anywhere, slowest)."""
+"""Kernels built from the reference math: the oracle itself, and dequantize-then-GEMM.
+
+``DequantGemmKernel`` is the prefill path: for many rows of activations, rebuilding the dense
+weight once per call (O * I work) and calling the dense GEMM beats any sign-GEMV kernel, whose
+work grows with rows * O * I / 16.
+"""
 
 from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from bivlm_plugin.format.codes import dequantize_packed
 
 from .chooser import register_kernel
 from .reference import binary_linear_reference
 
-__all__ = ["ReferenceKernel"]
+__all__ = ["DequantGemmKernel", "ReferenceKernel"]
 
 
 @register_kernel
@@ -20,3 +30,20 @@ class ReferenceKernel:
     @classmethod
     def run(cls, x, packed, layout, bias):
         return binary_linear_reference(x, packed, layout, bias)
+
+
+@register_kernel
+class DequantGemmKernel:
+    name = "dequant_gemm"
+    priority = 5
+
+    @classmethod
+    def can_implement(cls, x, layout) -> tuple[bool, str]:
+        return True, ""
+
+    @classmethod
+    def run(cls, x, packed, layout, bias):
+        if x.dtype == torch.float32:
+            return binary_linear_reference(x, packed, layout, bias)
+        w = dequantize_packed(packed, layout).to(device=x.device, dtype=x.dtype)
+        return F.linear(x, w, None if bias is None else bias.to(x.dtype))

@@ -235,6 +235,10 @@ class BiVLMModifier(Modifier):
             raise RuntimeError(
                 f"{len(names)} modules were calibrated but never quantized: {names[:5]}"
             )
+        # A compressed save (model.save_pretrained) now writes the packed bivlm-binary format.
+        from bivlm_plugin.integrations.llmcompressor.packed import attach_packed
+
+        attach_packed(state.model, self._codes)
         return True
 
     @torch.no_grad()

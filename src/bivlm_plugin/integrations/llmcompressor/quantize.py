@@ -1,5 +1,10 @@
 """``bivlm quantize``: llm-compressor ``oneshot`` with P1 calibration and a bit report.
 
+By default the output is the packed ``bivlm-binary`` checkpoint (``docs/FORMAT.md``): Bi-VLM
+layers are saved as packed tensors through compressed-tensors, everything else stays dense, and
+the report's ``storage_bits_from_files`` is computed from the safetensors files actually
+written. ``fake_quant=True`` (``--fake-quant``) writes the old bf16 fake-quantized weights.
+
 The output folder is written through a temporary sibling and renamed into place after the model,
 tokenizer and ``bivlm_report.json`` are all saved: an interrupted run leaves nothing loadable.
 """
@@ -17,7 +22,9 @@ from typing import Any
 import torch
 import yaml
 
+from bivlm_plugin.format.checkpoint import FORMAT_NAME, storage_bits_from_files
 from bivlm_plugin.integrations.llmcompressor.modifier import BiVLMModifier
+from bivlm_plugin.integrations.llmcompressor.packed import detach_packed, packed_modules
 from bivlm_plugin.integrations.llmcompressor.recipe import load_recipe, recipe_modifiers
 from bivlm_plugin.utils import atomic_directory, environment_info
 
@@ -28,6 +35,10 @@ logger = logging.getLogger(__name__)
 FAKE_QUANT_NOTE = (
     "weights are fake-quantized: the dequantized Bi-VLM values are stored as bf16, not packed; "
     "storage_bits is what the packed layout will take"
+)
+PACKED_NOTE = (
+    f"quantized layers are stored packed ({FORMAT_NAME}, docs/FORMAT.md); "
+    "storage_bits_from_files counts the bytes of their tensors in the safetensors files"
 )
 
 
@@ -50,6 +61,7 @@ def quantize_model(
     num_calibration_samples: int | None = None,
     overwrite: bool = False,
     overrides: dict[str, Any] | None = None,
+    fake_quant: bool = False,
 ) -> dict[str, Any]:
     """Quantize a model folder with a recipe and save it (atomically) with a bit report.
 
@@ -60,6 +72,7 @@ def quantize_model(
     Args:
         overrides: field values set on every modifier of the recipe (``--set key=value``), e.g.
             for ablations; a field the modifier does not have fails at construction.
+        fake_quant: save dequantized bf16 weights instead of the packed format.
 
     Returns:
         The report written to ``output/bivlm_report.json``.
@@ -93,9 +106,15 @@ def quantize_model(
     seconds = time.perf_counter() - start
     modifiers = active_session().lifecycle.recipe.modifiers
     ours = [m for m in modifiers if isinstance(m, BiVLMModifier)]
+    if ours and fake_quant:
+        detach_packed(calib.model)
+    packed = packed_modules(calib.model)
     if ours:
         summary = _merge([m.summary() for m in ours])
-        fmt = {"format": "fake-quantized bf16", "note": FAKE_QUANT_NOTE}
+        if packed:
+            fmt = {"format": FORMAT_NAME, "note": PACKED_NOTE}
+        else:
+            fmt = {"format": "fake-quantized bf16", "note": FAKE_QUANT_NOTE}
     else:
         summary = _framework_summary(calib.model, recipe_modifiers(parsed))
         fmt = {"format": "compressed-tensors (llm-compressor's own)"}
@@ -109,7 +128,8 @@ def quantize_model(
         "environment": environment_info(),
         "layers": summary.get("layers", []),
     }
-    _save_atomically(calib.model, calib.processor, report, output)
+    in_features = {n: calib.model.get_submodule(n).in_features for n in packed}
+    _save_atomically(calib.model, calib.processor, report, output, in_features)
     return report
 
 
@@ -261,8 +281,54 @@ def _merge(summaries: list[dict]) -> dict:
     }
 
 
-def _save_atomically(model, tok, report: dict, output: Path) -> None:
+def _save_atomically(
+    model, tok, report: dict, output: Path, in_features: dict[str, int] | None = None
+) -> None:
+    """Save into a temporary sibling; with packed layers, add bits measured on the files."""
     with atomic_directory(output) as tmp:
-        model.save_pretrained(tmp)
+        model.save_pretrained(tmp, save_compressed=bool(in_features))
         tok.save_pretrained(tmp)
+        if in_features:
+            _add_file_bits(report, _file_bits_by_module(model, tmp, in_features), in_features)
         (tmp / "bivlm_report.json").write_text(json.dumps(report, indent=2) + "\n")
+
+
+def _file_bits_by_module(model, folder: Path, in_features: dict[str, int]) -> dict[str, float]:
+    """``storage_bits_from_files`` keyed by the model's module names.
+
+    transformers may save under the original checkpoint names (LLaVA: ``language_model.model.*``
+    for ``model.language_model.*``); its own load-time renaming maps them back.
+    """
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import WeightConverter, rename_source_key
+
+    from bivlm_plugin.format.checkpoint import packed_modules_in_files
+
+    transforms = get_model_conversion_mapping(model)
+    renamings = [t for t in transforms if not isinstance(t, WeightConverter)]
+    converters = [t for t in transforms if isinstance(t, WeightConverter)]
+    meta = model.state_dict()
+    to_model = {}
+    for key in packed_modules_in_files(sorted(folder.glob("*.safetensors"))):
+        renamed, _ = rename_source_key(
+            f"{key}.signs", renamings, converters, model.base_model_prefix, meta
+        )
+        to_model[key] = renamed.removesuffix(".signs")
+    stored_in = {k: in_features[m] for k, m in to_model.items() if m in in_features}
+    return {to_model[k]: b for k, b in storage_bits_from_files(folder, stored_in).items()}
+
+
+def _add_file_bits(report: dict, bits: dict[str, float], in_features: dict[str, int]) -> None:
+    """Per-layer and weighted-mean storage bits of the packed layers, from the written files."""
+    missing = sorted(set(in_features) - set(bits))
+    if missing:
+        raise RuntimeError(f"packed layers {missing[:5]} are missing from the saved files")
+    total_w = total_b = 0.0
+    for layer in report["layers"]:
+        if layer["name"] in bits:
+            n = layer["shape"][0] * layer["shape"][1]
+            layer["storage_bits_from_files"] = bits[layer["name"]]
+            total_w += n
+            total_b += bits[layer["name"]] * n
+    report["packed_layers"] = len(bits)
+    report["storage_bits_from_files"] = total_b / total_w if total_w else None

@@ -1,0 +1,49 @@
+"""Quantization wall time of Bi-VLM recipes vs llm-compressor's GPTQ, measured in one process.
+
+Each recipe quantizes a fresh copy of the model on the same calibration windows (the first N of
+P1's), back to back, so both see the same machine load. Prints and writes the ratios.
+
+Usage: python scripts/quant_time.py MODEL_DIR OUT.json [N_WINDOWS]
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+RECIPES = {
+    "gptq_w2a16_g64": "recipes/gptq_w2a16_g64.yaml",
+    "bivlm_lm_w1": "recipes/bivlm_lm_w1.yaml",
+    "bivlm_lm_w2": "recipes/bivlm_lm_w2.yaml",
+}
+
+
+def main(model_dir: str, out: str, n_windows: int = 32) -> None:
+    from bivlm_plugin.integrations.llmcompressor.quantize import quantize_model
+    from bivlm_plugin.utils import atomic_write_text, environment_info
+
+    seconds = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, recipe in RECIPES.items():
+            start = time.perf_counter()
+            report = quantize_model(
+                model_dir, recipe, Path(tmp) / name, num_calibration_samples=n_windows
+            )
+            seconds[name] = {"oneshot_s": report["seconds"], "total_s": time.perf_counter() - start}
+    base = seconds["gptq_w2a16_g64"]["oneshot_s"]
+    result = {
+        "windows": n_windows,
+        "seconds": seconds,
+        "ratio_vs_gptq_w2": {k: v["oneshot_s"] / base for k, v in seconds.items()},
+        "command": f"python scripts/quant_time.py {model_dir} {out} {n_windows}",
+        "environment": environment_info(),
+    }
+    print(json.dumps(result["ratio_vs_gptq_w2"], indent=1))
+    atomic_write_text(Path(out), json.dumps(result, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2], int(sys.argv[3]) if len(sys.argv) > 3 else 32)

@@ -8,5 +8,6 @@ NAME="$1"; RECIPE="$2"; shift 2
 BIVLM="$ROOT/.venv/bin/bivlm"
 MODEL="$("$BIVLM" zoo build smollm2-135m | tail -n 1)"
 mkdir -p "$ROOT/out/p1"
+echo "bash scripts/p1_run.sh $NAME $RECIPE $*" > "$ROOT/out/p1/$NAME.cmd"
 "$BIVLM" quantize --model "$MODEL" --recipe "$RECIPE" --output "$ROOT/out/p1/$NAME" --overwrite "$@"
 "$BIVLM" eval ppl --model "$ROOT/out/p1/$NAME" --json "$ROOT/out/p1/$NAME.json"

@@ -1,4 +1,4 @@
-"""Render measured P1 runs (out/p1/*.json from scripts/p1_run.sh) as Markdown table rows.
+"""Render measured P1 runs (out/p1/NAME.json + NAME.cmd from scripts/p1_run.sh) as Markdown.
 
 Usage: python scripts/p1_table.py out/p1/*.json
 """
@@ -13,24 +13,26 @@ from pathlib import Path
 def row(path: Path) -> str:
     res = json.loads(path.read_text())
     q = res.get("quantization", {})
+    cmd_file = path.with_suffix(".cmd")
+    cmd = (
+        cmd_file.read_text().strip()
+        if cmd_file.is_file()
+        else f"bivlm eval ppl --model {res['model']}"
+    )
     date = res["environment"]["date"][:10]
-    overrides = ""
-    mods = next(iter(next(iter(q.get("recipe", {}).values()), {}).values()), {})
-    for args in mods.values():
-        overrides = ", ".join(
-            f"{k}={v}"
-            for k, v in sorted(args.items())
-            if k not in ("targets", "ignore", "config_groups")
-        )
+    fmt = "packed" if q.get("format") == "bivlm-binary" else q.get("format", "bf16")
     return (
         f"| {path.stem} | {q.get('method', 'fp')} | {q.get('weight_bits', 16):.3f} | "
-        f"{q.get('storage_bits', 16):.3f} | {res['ppl']:.2f} | {q.get('seconds', 0):.0f} | "
-        f"{overrides} | {date} |"
+        f"{q.get('storage_bits', 16):.3f} | **{res['ppl']:.2f}** | {q.get('seconds', 0):.0f} | "
+        f"{fmt} | `{cmd}` | cpu2 | {date} |"
     )
 
 
 if __name__ == "__main__":
-    print("| run | method | weight bits | storage bits | P1 ppl | quantize s | settings | date |")
-    print("|---|---|---|---|---|---|---|---|")
+    print(
+        "| run | method | weight bits | storage bits | P1 ppl | quantize s | saved as | command "
+        "| machine | date |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for arg in sys.argv[1:]:
         print(row(Path(arg)))

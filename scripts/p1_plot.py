@@ -20,11 +20,11 @@ def main(out: str, paths: list[str]) -> None:
     for path in paths:
         res = json.loads(Path(path).read_text())
         q = res.get("quantization", {})
-        name = Path(path).stem
+        name = Path(path).stem if q else "fp (bf16)"
         if name.startswith("abl_"):
             continue
         method = q.get("method", "fp")
-        color = {"bivlm": "C0", "GPTQModifier": "C1"}.get(method, "C2")
+        color = {"bivlm": "C0", "GPTQModifier": "C1"}.get(method, "C2")  # green: baselines and FP
         ax.scatter(q.get("storage_bits", 16), res["ppl"], color=color, zorder=3)
         ax.annotate(
             name,
@@ -36,7 +36,9 @@ def main(out: str, paths: list[str]) -> None:
     ax.set_yscale("log")
     ax.set_xlabel("storage bits per weight (every stored tensor counted)")
     ax.set_ylabel("P1 perplexity (WikiText-2 test, log scale)")
-    ax.set_title("SmolLM2-135M, decoder linears quantized (blue: Bi-VLM, orange: GPTQ)")
+    ax.set_title(
+        "SmolLM2-135M, decoder linears quantized (blue: Bi-VLM, orange: GPTQ, green: others)"
+    )
     ax.grid(True, which="both", alpha=0.3)
     fig.tight_layout()
     fig.savefig(out, dpi=120)

@@ -20,7 +20,12 @@ def row(path: Path) -> str:
         else f"bivlm eval ppl --model {res['model']}"
     )
     date = res["environment"]["date"][:10]
-    fmt = "packed" if q.get("format") == "bivlm-binary" else q.get("format", "bf16")
+    # What the folder holds (config.json), not what the report says: a run that straddled a
+    # code change once wrote a packed checkpoint with an old report label.
+    config = Path(res["model"]) / "config.json"
+    qcfg = json.loads(config.read_text()).get("quantization_config", {}) if config.is_file() else {}
+    fmt = {"bivlm-binary": "packed bivlm-binary", "pack-quantized": "packed (compressed-tensors)"}
+    fmt = fmt.get(qcfg.get("format"), "bf16" if not qcfg else str(qcfg.get("format")))
     return (
         f"| {path.stem} | {q.get('method', 'fp')} | {q.get('weight_bits', 16):.3f} | "
         f"{q.get('storage_bits', 16):.3f} | **{res['ppl']:.2f}** | {q.get('seconds', 0):.0f} | "

@@ -57,23 +57,12 @@ def _modifier():
 @pytest.fixture(scope="module")
 def packed_llama(tiny_llama_dir, tiny_tokenizer, tmp_path_factory):
     """oneshot on the tiny LLaMA, then llm-compressor's save_pretrained(save_compressed=True)."""
-    from datasets import Dataset
-    from llmcompressor import oneshot
     from transformers import AutoModelForCausalLM
 
+    from conftest import oneshot_on_random_tokens
+
     model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32)
-    ids = torch.randint(0, 300, (4, 32), generator=torch.Generator().manual_seed(1))
-    ds = Dataset.from_dict(
-        {"input_ids": ids.tolist(), "attention_mask": torch.ones_like(ids).tolist()}
-    )
-    oneshot(
-        model=model,
-        processor=tiny_tokenizer,
-        recipe=RECIPE.format(scope="language"),
-        dataset=ds,
-        num_calibration_samples=4,
-        max_seq_length=32,
-    )
+    ids = oneshot_on_random_tokens(model, tiny_tokenizer, RECIPE.format(scope="language"), 300)
     codes = _modifier().codes
     with torch.no_grad():
         ref = model(ids).logits

@@ -24,30 +24,14 @@ quant_stage:
 """
 
 
-def _dataset(vocab: int, n: int = 4, seqlen: int = 32):
-    from datasets import Dataset
-
-    ids = torch.randint(0, vocab, (n, seqlen), generator=torch.Generator().manual_seed(1))
-    return ids, Dataset.from_dict(
-        {"input_ids": ids.tolist(), "attention_mask": torch.ones_like(ids).tolist()}
-    )
-
-
 def _oneshot(model_dir, tokenizer, recipe: str):
-    from llmcompressor import oneshot
     from llmcompressor.core import active_session
     from transformers import AutoModelForCausalLM
 
+    from conftest import oneshot_on_random_tokens
+
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    ids, ds = _dataset(model.config.vocab_size)
-    oneshot(
-        model=model,
-        processor=tokenizer,
-        recipe=recipe,
-        dataset=ds,
-        num_calibration_samples=ids.shape[0],
-        max_seq_length=ids.shape[1],
-    )
+    ids = oneshot_on_random_tokens(model, tokenizer, recipe, vocab=model.config.vocab_size)
     mod = next(
         m
         for m in active_session().lifecycle.recipe.modifiers

@@ -41,9 +41,9 @@ quant_stage:
 @pytest.fixture(scope="module")
 def packed_dir(tiny_tokenizer, tmp_path_factory) -> Path:
     """Tiny LLaMA (head size 32: vLLM's CPU attention needs >= 32), quantized and saved packed."""
-    from datasets import Dataset
-    from llmcompressor import oneshot
     from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from conftest import oneshot_on_random_tokens
 
     torch.manual_seed(0)
     config = LlamaConfig(
@@ -60,18 +60,7 @@ def packed_dir(tiny_tokenizer, tmp_path_factory) -> Path:
     AutoModelForCausalLM.from_config(config).save_pretrained(dense)  # oneshot wants a path
     tiny_tokenizer.save_pretrained(dense)
     model = AutoModelForCausalLM.from_pretrained(dense, dtype=torch.float32)
-    ids = torch.randint(0, 300, (4, 32), generator=torch.Generator().manual_seed(1))
-    ds = Dataset.from_dict(
-        {"input_ids": ids.tolist(), "attention_mask": torch.ones_like(ids).tolist()}
-    )
-    oneshot(
-        model=model,
-        processor=tiny_tokenizer,
-        recipe=RECIPE,
-        dataset=ds,
-        num_calibration_samples=4,
-        max_seq_length=32,
-    )
+    oneshot_on_random_tokens(model, tiny_tokenizer, RECIPE, vocab=300)
     out = tmp_path_factory.mktemp("packed_llama_vllm")
     model.save_pretrained(out, save_compressed=True)
     tiny_tokenizer.save_pretrained(out)

@@ -59,7 +59,7 @@ def packed_llama(tiny_llama_dir, tiny_tokenizer, tmp_path_factory):
     """oneshot on the tiny LLaMA, then llm-compressor's save_pretrained(save_compressed=True)."""
     from transformers import AutoModelForCausalLM
 
-    from conftest import oneshot_on_random_tokens
+    from oneshot_helpers import oneshot_on_random_tokens
 
     model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32)
     ids = oneshot_on_random_tokens(model, tiny_tokenizer, RECIPE.format(scope="language"), 300)

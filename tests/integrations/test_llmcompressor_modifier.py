@@ -28,7 +28,7 @@ def _oneshot(model_dir, tokenizer, recipe: str):
     from llmcompressor.core import active_session
     from transformers import AutoModelForCausalLM
 
-    from conftest import oneshot_on_random_tokens
+    from oneshot_helpers import oneshot_on_random_tokens
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     ids = oneshot_on_random_tokens(model, tokenizer, recipe, vocab=model.config.vocab_size)

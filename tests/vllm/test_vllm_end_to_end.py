@@ -43,7 +43,7 @@ def packed_dir(tiny_tokenizer, tmp_path_factory) -> Path:
     """Tiny LLaMA (head size 32: vLLM's CPU attention needs >= 32), quantized and saved packed."""
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    from conftest import oneshot_on_random_tokens
+    from oneshot_helpers import oneshot_on_random_tokens
 
     torch.manual_seed(0)
     config = LlamaConfig(

@@ -1,7 +1,7 @@
 """Quantization wall time of Bi-VLM recipes vs llm-compressor's GPTQ, measured in one process.
 
-Each recipe quantizes a fresh copy of the model on the same calibration windows (the first N of
-P1's), back to back, so both see the same machine load. Prints and writes the ratios.
+Each recipe quantizes a fresh copy of the model on the same calibration windows (P1's default,
+or the first N), back to back, so all see the same machine load. Prints and writes the ratios.
 
 Usage: python scripts/quant_time.py MODEL_DIR OUT.json [N_WINDOWS]
 """
@@ -21,7 +21,7 @@ RECIPES = {
 }
 
 
-def main(model_dir: str, out: str, n_windows: int = 32) -> None:
+def main(model_dir: str, out: str, n_windows: int | None = None) -> None:
     from bivlm_plugin.integrations.llmcompressor.quantize import quantize_model
     from bivlm_plugin.utils import atomic_write_text, environment_info
 
@@ -35,10 +35,12 @@ def main(model_dir: str, out: str, n_windows: int = 32) -> None:
             seconds[name] = {"oneshot_s": report["seconds"], "total_s": time.perf_counter() - start}
     base = seconds["gptq_w2a16_g64"]["oneshot_s"]
     result = {
-        "windows": n_windows,
+        "windows": n_windows or "P1 default",
         "seconds": seconds,
         "ratio_vs_gptq_w2": {k: v["oneshot_s"] / base for k, v in seconds.items()},
-        "command": f"python scripts/quant_time.py {model_dir} {out} {n_windows}",
+        "command": " ".join(
+            ["python scripts/quant_time.py", model_dir, out, str(n_windows or "")]
+        ).strip(),
         "environment": environment_info(),
     }
     print(json.dumps(result["ratio_vs_gptq_w2"], indent=1))
@@ -46,4 +48,4 @@ def main(model_dir: str, out: str, n_windows: int = 32) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2], int(sys.argv[3]) if len(sys.argv) > 3 else 32)
+    main(sys.argv[1], sys.argv[2], int(sys.argv[3]) if len(sys.argv) > 3 else None)

@@ -3,10 +3,17 @@
 // For output row o and activation row x (zero-padded to 32 * W columns):
 //   y_o = sum_r (mu_r - alpha_r) * S_r + 2 * alpha_r * P_r + salient corrections
 // with S_r = sum of x over ring r and P_r = sum of x over ring r where the sign bit is set.
-// S_0 = sum(x) - sum_{r>0} S_r, so N rings cost 2N - 1 masked adds per 16 inputs. Masks come
-// straight from the packed words: bit j of word w is column 32 w + j, so the low / high 16 bits
-// of a word are the __mmask16 of columns [32 w, 32 w + 16) / [32 w + 16, 32 w + 32).
-// R output rows share each loaded activation vector and BT activation rows share each mask.
+// S_0 = sum(x) - sum_{r>0} S_r, so N rings need 2N - 1 bit-masked sums ("streams").
+//
+// Each stream is computed with lookup tables over groups of 4 activations (as T-MAC does):
+// T_g[m] = sum of x[4g + j] over the bits j set in m, 16 floats = one zmm register. 16 output
+// rows are handled at once: their 32-bit words of one column chunk are loaded and transposed
+// (lane r = word of row r), and for each 4-bit nibble one vpermps of T_g by the nibble vector
+// gives 16 rows' partial sums (vpermps reads only the low 4 bits of each index, so a plain right
+// shift selects the nibble). That is one permute + one add per 64 weights, against one masked
+// add per 16 weights for the bit-mask formulation. Ring streams are the sign words ANDed with
+// the ring-equality masks, computed in registers. Signs are read in the stored layout (bit j of
+// word w is column 32 w + j): nothing is repacked.
 // A salient weight (ring stored as 0) is corrected by x_c * ((mu_s - mu_0) + (a1 - alpha_0) B1
 // + a2 B2).
 #include <torch/extension.h>
@@ -19,25 +26,149 @@
 
 namespace {
 
-constexpr int kRowBlock = 8;
+constexpr int kRowBlock = 16;  // output rows per vector (one lane each)
 
 constexpr int ring_bits(int n) { return n <= 1 ? 0 : (n <= 2 ? 1 : (n <= 4 ? 2 : 3)); }
 
-constexpr int rows_per_pass(int n, int bt) {
-  // Keep accumulators R * BT * (2N - 1) <= 24 zmm registers; R a power of two <= 8.
-  int budget = 24 / ((2 * n - 1) * bt);
-  return budget >= 8 ? 8 : (budget >= 4 ? 4 : (budget >= 2 ? 2 : 1));
+// Batch rows handled together: keep accumulators (2N - 1) * BT * chains within ~16 zmm.
+constexpr int max_bt(int n) { return n <= 2 ? 4 : 2; }
+
+constexpr int chains(int streams, int bt) {
+  // Independent accumulators per (batch row, stream) to hide the add latency (>= 4 in flight).
+  const int live = streams * bt;
+  return live >= 4 ? 1 : (live >= 2 ? 2 : 4);
 }
 
 struct Problem {
   const float* x;          // (B, 32 W) fp32, zero padded
   const float* xsum;       // (B,)
+  const float* tables;     // (B, 8 W, 16) fp32 lookup tables
   int64_t ldx;             // 32 W
-  const uint16_t* signs;   // (O, 2 W) halves
-  const uint16_t* rings;   // (O, 2 W b) halves, plane-major, or nullptr
-  int64_t halves;          // 2 W
+  const int32_t* signs;    // (O, W)
+  const int32_t* rings;    // (O, NB, W), or nullptr
+  int64_t words;           // W
   int64_t out;             // O
 };
+
+// In-register transpose of a 16 x 16 block of 32-bit words: r[i] lane j -> r[j] lane i.
+inline void transpose16(__m512i r[16]) {
+  __m512i t[16];
+  for (int i = 0; i < 8; ++i) {
+    t[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
+  }
+  for (int i = 0; i < 4; ++i) {
+    r[4 * i + 0] = _mm512_unpacklo_epi64(t[4 * i + 0], t[4 * i + 2]);
+    r[4 * i + 1] = _mm512_unpackhi_epi64(t[4 * i + 0], t[4 * i + 2]);
+    r[4 * i + 2] = _mm512_unpacklo_epi64(t[4 * i + 1], t[4 * i + 3]);
+    r[4 * i + 3] = _mm512_unpackhi_epi64(t[4 * i + 1], t[4 * i + 3]);
+  }
+  // r[4 i + j], 128-bit lane L, holds rows 4i..4i+3 of column 4L + j.
+  for (int j = 0; j < 4; ++j) {
+    const __m512i a = _mm512_shuffle_i32x4(r[j], r[4 + j], 0x88);
+    const __m512i b = _mm512_shuffle_i32x4(r[j], r[4 + j], 0xDD);
+    const __m512i c = _mm512_shuffle_i32x4(r[8 + j], r[12 + j], 0x88);
+    const __m512i d = _mm512_shuffle_i32x4(r[8 + j], r[12 + j], 0xDD);
+    t[0 + j] = _mm512_shuffle_i32x4(a, c, 0x88);
+    t[8 + j] = _mm512_shuffle_i32x4(a, c, 0xDD);
+    t[4 + j] = _mm512_shuffle_i32x4(b, d, 0x88);
+    t[12 + j] = _mm512_shuffle_i32x4(b, d, 0xDD);
+  }
+  for (int i = 0; i < 16; ++i) r[i] = t[i];
+}
+
+// Words [w0, w0 + nw) of rows [o0, o0 + 16) of a (O, stride) int32 plane, transposed: lane r of
+// dst[w] is word w0 + w of row o0 + r (rows past O read as zero).
+inline void load_transposed(const int32_t* plane, int64_t stride, int64_t o0, int64_t out,
+                            int64_t w0, int nw, __m512i dst[16]) {
+  const __mmask16 m = nw >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << nw) - 1);
+  for (int r = 0; r < 16; ++r)
+    dst[r] = o0 + r < out ? _mm512_maskz_loadu_epi32(m, plane + (o0 + r) * stride + w0)
+                          : _mm512_setzero_si512();
+  transpose16(dst);
+}
+
+// T[g][m] = sum_{j < 4, bit j of m} x[4 g + j] for every group g of one activation row.
+void build_tables(const float* x, int64_t groups, float* t) {
+  __m512 bit[4];
+  for (int j = 0; j < 4; ++j) {
+    alignas(64) float v[16];
+    for (int m = 0; m < 16; ++m) v[m] = (m >> j) & 1 ? 1.f : 0.f;
+    bit[j] = _mm512_load_ps(v);
+  }
+  for (int64_t g = 0; g < groups; ++g) {
+    __m512 acc = _mm512_mul_ps(_mm512_set1_ps(x[4 * g]), bit[0]);
+    for (int j = 1; j < 4; ++j) acc = _mm512_fmadd_ps(_mm512_set1_ps(x[4 * g + j]), bit[j], acc);
+    _mm512_store_ps(t + 16 * g, acc);
+  }
+}
+
+// sums: [row - o_base][batch][2N] = S_0..S_{N-1}, P_0..P_{N-1} for rows [o0, o0 + 16) and
+// batch rows [b0, b0 + BT).
+template <int N, int BT>
+void block(const Problem& p, int64_t o0, int64_t b0, float* sums, int64_t o_base, int64_t batch) {
+  constexpr int NB = ring_bits(N);
+  constexpr int SN = 2 * N - 1;  // streams: P_0..P_{N-1}, then S_1..S_{N-1}
+  constexpr int CH = chains(SN, BT);
+  __m512 acc[BT][SN][CH];
+  for (int t = 0; t < BT; ++t)
+    for (int s = 0; s < SN; ++s)
+      for (int c = 0; c < CH; ++c) acc[t][s][c] = _mm512_setzero_ps();
+  const int64_t tstride = 8 * p.words * 16;  // floats per batch row of tables
+  const float* tb0 = p.tables + b0 * tstride;
+  __m512i sw[16];
+  __m512i rw[NB > 0 ? NB : 1][16];
+  for (int64_t w0 = 0; w0 < p.words; w0 += 16) {
+    const int nw = static_cast<int>(std::min<int64_t>(16, p.words - w0));
+    load_transposed(p.signs, p.words, o0, p.out, w0, nw, sw);
+    for (int b = 0; b < NB; ++b) load_transposed(p.rings + b * p.words, NB * p.words, o0, p.out, w0, nw, rw[b]);
+    for (int w = 0; w < nw; ++w) {
+      __m512i st[SN];
+      if constexpr (NB == 0) {
+        st[0] = sw[w];
+      } else {
+        const __m512i ones = _mm512_set1_epi32(-1);
+        for (int q = 0; q < N; ++q) {
+          __m512i mq = ones;
+          for (int b = 0; b < NB; ++b)
+            mq = ((q >> b) & 1) ? _mm512_and_si512(mq, rw[b][w]) : _mm512_andnot_si512(rw[b][w], mq);
+          st[q] = _mm512_and_si512(mq, sw[w]);
+          if (q > 0) st[N + q - 1] = mq;
+        }
+      }
+      const float* tg = tb0 + (w0 + w) * 8 * 16;
+#pragma GCC unroll 8
+      for (int n = 0; n < 8; ++n) {
+        for (int s = 0; s < SN; ++s) {
+          const __m512i idx = n ? _mm512_srli_epi32(st[s], 4 * n) : st[s];
+          for (int t = 0; t < BT; ++t)
+            acc[t][s][n % CH] = _mm512_add_ps(
+                acc[t][s][n % CH],
+                _mm512_permutexvar_ps(idx, _mm512_load_ps(tg + t * tstride + 16 * n)));
+        }
+      }
+    }
+  }
+  const int64_t nrows = std::min<int64_t>(16, p.out - o0);
+  for (int t = 0; t < BT; ++t) {
+    alignas(64) float v[SN][16];
+    for (int s = 0; s < SN; ++s) {
+      __m512 a = acc[t][s][0];
+      for (int c = 1; c < CH; ++c) a = _mm512_add_ps(a, acc[t][s][c]);
+      _mm512_store_ps(v[s], a);
+    }
+    for (int64_t r = 0; r < nrows; ++r) {
+      float* dst = sums + ((o0 + r - o_base) * batch + b0 + t) * 2 * N;
+      float rest = 0.f;
+      for (int q = 1; q < N; ++q) {
+        dst[q] = v[N + q - 1][r];
+        rest += dst[q];
+      }
+      dst[0] = p.xsum[b0 + t] - rest;
+      for (int q = 0; q < N; ++q) dst[N + q] = v[q][r];
+    }
+  }
+}
 
 // Parameters for turning ring sums into outputs (fp16 tensors read directly).
 struct Epilogue {
@@ -57,67 +188,6 @@ struct Epilogue {
   const float* bias;       // (O,) or nullptr
   float* y;                // (B, O) fp32
 };
-
-// sums: [row - o_base][batch][2N] = S_0..S_{N-1}, P_0..P_{N-1}.
-template <int N, int R, int BT>
-void block(const Problem& p, int64_t o0, int64_t b0, float* sums, int64_t o_base, int64_t batch) {
-  constexpr int NB = ring_bits(N);
-  __m512 P[R][BT][N];
-  __m512 S[R][BT][N];
-  for (int r = 0; r < R; ++r)
-    for (int t = 0; t < BT; ++t)
-      for (int q = 0; q < N; ++q) {
-        P[r][t][q] = _mm512_setzero_ps();
-        S[r][t][q] = _mm512_setzero_ps();
-      }
-  const float* x0 = p.x + b0 * p.ldx;
-  const uint16_t* s0 = p.signs + o0 * p.halves;
-  const uint16_t* r0 = p.rings ? p.rings + o0 * p.halves * NB : nullptr;
-  for (int64_t h = 0; h < p.halves; ++h) {
-    __m512 xv[BT];
-    for (int t = 0; t < BT; ++t) xv[t] = _mm512_loadu_ps(x0 + t * p.ldx + 16 * h);
-    for (int r = 0; r < R; ++r) {
-      const uint32_t s = s0[r * p.halves + h];
-      if constexpr (NB == 0) {
-        const __mmask16 m = _cvtu32_mask16(s);
-        for (int t = 0; t < BT; ++t) P[r][t][0] = _mm512_mask_add_ps(P[r][t][0], m, P[r][t][0], xv[t]);
-      } else {
-        uint32_t pl[NB > 0 ? NB : 1];
-        for (int b = 0; b < NB; ++b) pl[b] = r0[(r * NB + b) * p.halves + h];
-        for (int q = 0; q < N; ++q) {
-          uint32_t mq = 0xFFFFu;
-          for (int b = 0; b < NB; ++b) mq &= ((q >> b) & 1) ? pl[b] : ~pl[b];
-          const __mmask16 mp = _cvtu32_mask16(mq & s);
-          for (int t = 0; t < BT; ++t) P[r][t][q] = _mm512_mask_add_ps(P[r][t][q], mp, P[r][t][q], xv[t]);
-          if (q > 0) {
-            const __mmask16 ms = _cvtu32_mask16(mq);
-            for (int t = 0; t < BT; ++t) S[r][t][q] = _mm512_mask_add_ps(S[r][t][q], ms, S[r][t][q], xv[t]);
-          }
-        }
-      }
-    }
-  }
-  for (int r = 0; r < R; ++r)
-    for (int t = 0; t < BT; ++t) {
-      float* dst = sums + ((o0 + r - o_base) * batch + b0 + t) * 2 * N;
-      float rest = 0.f;
-      for (int q = 1; q < N; ++q) {
-        dst[q] = _mm512_reduce_add_ps(S[r][t][q]);
-        rest += dst[q];
-      }
-      dst[0] = p.xsum[b0 + t] - rest;
-      for (int q = 0; q < N; ++q) dst[N + q] = _mm512_reduce_add_ps(P[r][t][q]);
-    }
-}
-
-template <int N, int BT>
-void rows(const Problem& p, int64_t o_begin, int64_t o_end, int64_t b0, float* sums,
-          int64_t batch) {
-  constexpr int R = rows_per_pass(N, BT);
-  int64_t o = o_begin;
-  for (; o + R <= o_end; o += R) block<N, R, BT>(p, o, b0, sums, o_begin, batch);
-  for (; o < o_end; ++o) block<N, 1, BT>(p, o, b0, sums, o_begin, batch);
-}
 
 template <typename Idx>
 inline int64_t col_at(const Idx* idx, int64_t j) { return static_cast<int64_t>(idx[j]); }
@@ -192,6 +262,7 @@ void finish(const Problem& p, const Epilogue& e, int64_t o_begin, int64_t o_end,
 
 template <int N>
 void run(const Problem& p, const Epilogue& e, int64_t batch) {
+  constexpr int BT = max_bt(N);
   const int64_t nblocks = (p.out + kRowBlock - 1) / kRowBlock;
   at::parallel_for(0, nblocks, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> sums(kRowBlock * batch * 2 * N);
@@ -201,13 +272,13 @@ void run(const Problem& p, const Epilogue& e, int64_t batch) {
     std::vector<__m512> coefv(kpad / 16);
     auto* col = reinterpret_cast<int32_t*>(colv.data());
     auto* coef = reinterpret_cast<float*>(coefv.data());
-    // Row blocks outermost so a block's masks stay in L1 across the whole batch.
+    // Row blocks outermost so a block's words stay in L1 across the whole batch.
     for (int64_t blk = begin; blk < end; ++blk) {
       const int64_t ob = blk * kRowBlock, oe = std::min(ob + kRowBlock, p.out);
       int64_t b = 0;
-      for (; b + 4 <= batch; b += 4) rows<N, 4>(p, ob, oe, b, sums.data(), batch);
-      for (; b + 2 <= batch; b += 2) rows<N, 2>(p, ob, oe, b, sums.data(), batch);
-      for (; b < batch; ++b) rows<N, 1>(p, ob, oe, b, sums.data(), batch);
+      for (; b + BT <= batch; b += BT) block<N, BT>(p, ob, b, sums.data(), ob, batch);
+      if constexpr (BT > 2) for (; b + 2 <= batch; b += 2) block<N, 2>(p, ob, b, sums.data(), ob, batch);
+      for (; b < batch; ++b) block<N, 1>(p, ob, b, sums.data(), ob, batch);
       finish<N>(p, e, ob, oe, sums.data(), batch, col, coef);
     }
   });
@@ -230,12 +301,16 @@ torch::Tensor binary_linear_cpu(
   auto xf = at::zeros({batch, ldx}, x.options().dtype(at::kFloat));
   xf.narrow(1, 0, in_f).copy_(x);
   auto xsum = xf.sum(1);
+  auto tables = at::empty({batch, 8 * words, 16}, xf.options());
+  at::parallel_for(0, batch, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b)
+      build_tables(xf.data_ptr<float>() + b * ldx, 8 * words, tables.data_ptr<float>() + b * 8 * words * 16);
+  });
   const int64_t k = salient_idx.numel() ? salient_idx.size(1) : 0;
   auto y = at::empty({batch, out_f}, xf.options());
-  Problem p{xf.data_ptr<float>(), xsum.data_ptr<float>(), ldx,
-            reinterpret_cast<const uint16_t*>(signs.data_ptr<int32_t>()),
-            rings.numel() ? reinterpret_cast<const uint16_t*>(rings.data_ptr<int32_t>()) : nullptr,
-            2 * words, out_f};
+  Problem p{xf.data_ptr<float>(), xsum.data_ptr<float>(), tables.data_ptr<float>(), ldx,
+            signs.data_ptr<int32_t>(), rings.numel() ? rings.data_ptr<int32_t>() : nullptr,
+            words, out_f};
   const bool idx8 = k && salient_idx.scalar_type() == at::kByte;
   Epilogue e{scales.data_ptr<at::Half>(), scales.dim() == 2, mean.data_ptr<at::Half>(),
              mean.size(1), k,

@@ -5,6 +5,7 @@
     bivlm eval ppl --model DIR [--json FILE] [--data DIR]
     bivlm quantize --model DIR --recipe FILE --output DIR [--fake-quant]
     bivlm bench kernel --json FILE
+    bivlm bench serve --model DIR --json FILE [--bf16 DIR] [--w4a16 DIR]
 
 Heavy imports happen inside the commands so ``bivlm --help`` stays instant.
 """
@@ -128,6 +129,36 @@ def _cmd_bench_kernel(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench_serve(args: argparse.Namespace) -> int:
+    from bivlm_plugin.eval.serve_bench import bench_serve
+
+    res = bench_serve(
+        args.model,
+        bf16=args.bf16,
+        w4a16=args.w4a16,
+        prompts=args.prompts,
+        prompt_tokens=args.prompt_tokens,
+        max_tokens=args.max_tokens,
+        dtype=args.dtype,
+        compile=args.compile,
+        data=args.data,
+    )
+    res["command"] = "bivlm " + " ".join(sys.argv[1:])
+    for name, s in res["summary"].items():
+        print(
+            f"{name:>6}: decode {s['decode_tok_s']:7.1f} tok/s  TTFT {s['ttft_ms']:7.1f} ms  "
+            f"(quantization={s['quantization']})"
+        )
+    r = res["ratios"]
+    print(
+        f"bivlm decode: {r['decode_vs_bf16']:.2f}x bf16, {r['decode_vs_w4a16']:.2f}x W4A16; "
+        f"TTFT speedup: {r['ttft_vs_bf16']:.2f}x bf16, {r['ttft_vs_w4a16']:.2f}x W4A16"
+    )
+    if args.json:
+        atomic_write_text(Path(args.json), json.dumps(res, indent=1) + "\n")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="bivlm", description=__doc__.split("\n\n")[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -172,7 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--fake-quant",
         action="store_true",
-        help="save dequantized bf16 weights instead of the packed bivlm-binary format",
+        help="save dequantized bf16 weights instead of the packed (compressed) format",
     )
     p.add_argument(
         "--set",
@@ -192,6 +223,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shapes", help="e.g. 4096x4096,576x576 (default: 4096x4096 + SmolLM2's)")
     p.add_argument("--batches", help="e.g. 1,8,64 (default)")
     p.set_defaults(func=_cmd_bench_kernel)
+    p = bench_sub.add_parser(
+        "serve", help="vLLM decode tok/s and TTFT: bivlm vs its bf16 and W4A16 peers, same run"
+    )
+    p.add_argument("--model", required=True, help="packed bivlm checkpoint folder")
+    p.add_argument("--bf16", help="source model (default: source_model in bivlm_report.json)")
+    p.add_argument("--w4a16", help="W4A16 peer folder (default: built once with RTN int4 g64)")
+    p.add_argument("--json", help="write the results here")
+    p.add_argument("--prompts", type=int, default=8)
+    p.add_argument("--prompt-tokens", type=int, default=128)
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--compile", action="store_true", help="let vLLM compile (default: eager)")
+    p.add_argument("--data", help="WikiText-2 folder (default: ../shared/data/wikitext-2)")
+    p.set_defaults(func=_cmd_bench_serve)
     return parser
 
 

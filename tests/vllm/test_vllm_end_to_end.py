@@ -39,17 +39,16 @@ quant_stage:
 
 
 @pytest.fixture(scope="module")
-def packed_dir(tiny_tokenizer, tmp_path_factory) -> Path:
-    """Tiny LLaMA (head size 32: vLLM's CPU attention needs >= 32), quantized and saved packed."""
+def dense_dir(tiny_tokenizer, tmp_path_factory) -> Path:
+    """Tiny LLaMA (head size 32: vLLM's CPU attention needs >= 32; widths divisible by 64 so a
+    group-64 W4A16 peer exists), saved dense."""
     from transformers import AutoModelForCausalLM, LlamaConfig
-
-    from oneshot_helpers import oneshot_on_random_tokens
 
     torch.manual_seed(0)
     config = LlamaConfig(
         vocab_size=len(tiny_tokenizer) + 16,
         hidden_size=128,
-        intermediate_size=288,
+        intermediate_size=256,
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
@@ -59,7 +58,17 @@ def packed_dir(tiny_tokenizer, tmp_path_factory) -> Path:
     dense = tmp_path_factory.mktemp("dense_llama_vllm")
     AutoModelForCausalLM.from_config(config).save_pretrained(dense)  # oneshot wants a path
     tiny_tokenizer.save_pretrained(dense)
-    model = AutoModelForCausalLM.from_pretrained(dense, dtype=torch.float32)
+    return dense
+
+
+@pytest.fixture(scope="module")
+def packed_dir(dense_dir, tiny_tokenizer, tmp_path_factory) -> Path:
+    """The tiny LLaMA quantized with a Bi-VLM recipe and saved packed."""
+    from transformers import AutoModelForCausalLM
+
+    from oneshot_helpers import oneshot_on_random_tokens
+
+    model = AutoModelForCausalLM.from_pretrained(dense_dir, dtype=torch.float32)
     oneshot_on_random_tokens(model, tiny_tokenizer, RECIPE, vocab=300)
     out = tmp_path_factory.mktemp("packed_llama_vllm")
     model.save_pretrained(out, save_compressed=True)
@@ -219,3 +228,43 @@ def test_vllm_serve_answers_text_request(packed_dir: Path, tmp_path: Path) -> No
         except subprocess.TimeoutExpired:
             proc.kill()
         log.close()
+
+
+@pytest.mark.integration
+def test_bench_serve_measures_bivlm_against_bf16_and_w4a16(
+    packed_dir: Path, dense_dir: Path, tmp_path: Path
+) -> None:
+    """`bivlm bench serve` runs the three engines on the same prompts and reports the ratios
+    from its own medians; each engine resolved the quantization it should have."""
+    out = tmp_path / "serve.json"
+    env = {**os.environ, "BIVLM_HOME": str(tmp_path / "home")}
+    cmd = [str(Path(sys.executable).parent / "bivlm"), "bench", "serve", "--model", str(packed_dir)]
+    cmd += ["--bf16", str(dense_dir), "--json", str(out), "--prompts", "2"]
+    cmd += ["--prompt-tokens", "16", "--max-tokens", "6"]  # bf16: vLLM's CPU W4A16 needs it
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1200)
+    assert proc.returncode == 0, proc.stderr[-6000:]
+    res = json.loads(out.read_text())
+    s = res["summary"]
+    assert s["bivlm"]["quantization"] == "bivlm"
+    assert s["bf16"]["quantization"] is None
+    assert s["w4a16"]["quantization"] == "compressed-tensors"
+    w4 = json.loads(
+        (tmp_path / "home" / "bench" / f"{dense_dir.name}-w4a16-g64" / "config.json").read_text()
+    )["quantization_config"]
+    assert w4["config_groups"]["group_0"]["weights"]["num_bits"] == 4
+    for name in ("bivlm", "bf16", "w4a16"):
+        assert len(res["runs"][name]["decode_tok_s"]) == 2
+        assert s[name]["decode_tok_s"] > 0 and s[name]["ttft_ms"] > 0
+    r = res["ratios"]
+    assert r["decode_vs_bf16"] == pytest.approx(
+        s["bivlm"]["decode_tok_s"] / s["bf16"]["decode_tok_s"]
+    )
+    assert r["ttft_vs_w4a16"] == pytest.approx(s["w4a16"]["ttft_ms"] / s["bivlm"]["ttft_ms"])
+    assert "bivlm decode:" in proc.stdout
+
+
+def test_bench_serve_rejects_a_fake_quant_folder(dense_dir: Path) -> None:
+    from bivlm_plugin.eval.serve_bench import bench_serve
+
+    with pytest.raises(ValueError, match="not 'bivlm-binary'"):
+        bench_serve(dense_dir)

@@ -4,6 +4,8 @@ By default the output is the packed ``bivlm-binary`` checkpoint (``docs/FORMAT.m
 layers are saved as packed tensors through compressed-tensors, everything else stays dense, and
 the report's ``storage_bits_from_files`` is computed from the safetensors files actually
 written. ``fake_quant=True`` (``--fake-quant``) writes the old bf16 fake-quantized weights.
+Recipes of llm-compressor's own modifiers (GPTQ, QuantizationModifier) are saved in its
+compressed format (e.g. ``pack-quantized``, which vLLM serves), or dense with ``fake_quant``.
 
 The output folder is written through a temporary sibling and renamed into place after the model,
 tokenizer and ``bivlm_report.json`` are all saved: an interrupted run leaves nothing loadable.
@@ -129,7 +131,8 @@ def quantize_model(
         "layers": summary.get("layers", []),
     }
     in_features = {n: calib.model.get_submodule(n).in_features for n in packed}
-    _save_atomically(calib.model, calib.processor, report, output, in_features)
+    compressed = bool(in_features) or (not ours and not fake_quant)
+    _save_atomically(calib.model, calib.processor, report, output, in_features, compressed)
     return report
 
 
@@ -282,11 +285,16 @@ def _merge(summaries: list[dict]) -> dict:
 
 
 def _save_atomically(
-    model, tok, report: dict, output: Path, in_features: dict[str, int] | None = None
+    model,
+    tok,
+    report: dict,
+    output: Path,
+    in_features: dict[str, int] | None = None,
+    compressed: bool = False,
 ) -> None:
     """Save into a temporary sibling; with packed layers, add bits measured on the files."""
     with atomic_directory(output) as tmp:
-        model.save_pretrained(tmp, save_compressed=bool(in_features))
+        model.save_pretrained(tmp, save_compressed=compressed)
         tok.save_pretrained(tmp)
         if in_features:
             _add_file_bits(report, _file_bits_by_module(model, tmp, in_features), in_features)

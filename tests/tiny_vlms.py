@@ -42,7 +42,7 @@ def _ids(n_image_tokens: int, gen: torch.Generator) -> torch.Tensor:
     return ids
 
 
-def _llava_model():
+def _llava_model(text: dict | None = None, vision: dict | None = None):
     from transformers import (
         CLIPVisionConfig,
         LlamaConfig,
@@ -51,17 +51,20 @@ def _llava_model():
     )
 
     vc = CLIPVisionConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        image_size=32,
-        patch_size=8,
-        projection_dim=32,
+        **{
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "image_size": 32,
+            "patch_size": 8,
+            "projection_dim": 32,
+            **(vision or {}),
+        }
     )
     cfg = LlavaConfig(
         vision_config=vc,
-        text_config=LlamaConfig(**TEXT),
+        text_config=LlamaConfig(**{**TEXT, **(text or {})}),
         image_token_index=IMAGE_TOKEN,
         vision_feature_layer=-1,
         vision_feature_select_strategy="default",
@@ -170,9 +173,15 @@ CHAT_TEMPLATE = (
 )
 
 
-def save_llava_with_processor(path) -> None:
+# Head size 32 in both towers: vLLM's CPU attention needs >= 32.
+VLLM_TEXT = dict(hidden_size=128, intermediate_size=256, num_attention_heads=4)
+VLLM_VISION = dict(hidden_size=64, intermediate_size=128, num_attention_heads=2)
+
+
+def save_llava_with_processor(path, text: dict | None = None, vision: dict | None = None) -> None:
     """A tiny LLaVA plus a real LlavaProcessor (CLIP image processor, word-level tokenizer over
-    easy-VQA's words, a chat template), saved as a folder ``bivlm quantize`` can read."""
+    easy-VQA's words, a chat template), saved as a folder ``bivlm quantize`` can read.
+    ``text`` / ``vision`` override config fields (e.g. ``VLLM_TEXT`` / ``VLLM_VISION``)."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import CLIPImageProcessor, LlavaProcessor, PreTrainedTokenizerFast
 
@@ -207,5 +216,5 @@ def save_llava_with_processor(path) -> None:
         image_token="<image>",
     )
     torch.manual_seed(0)
-    FAMILIES["llava"].model().save_pretrained(path)
+    _llava_model(text, vision).save_pretrained(path)
     processor.save_pretrained(path)

@@ -25,6 +25,7 @@ import torch
 import yaml
 
 from bivlm_plugin.format.checkpoint import FORMAT_NAME, storage_bits_from_files
+from bivlm_plugin.format.serving_keys import rewrite_checkpoint_keys
 from bivlm_plugin.integrations.llmcompressor.modifier import BiVLMModifier
 from bivlm_plugin.integrations.llmcompressor.packed import detach_packed, packed_modules
 from bivlm_plugin.integrations.llmcompressor.recipe import load_recipe, recipe_modifiers
@@ -296,6 +297,8 @@ def _save_atomically(
     with atomic_directory(output) as tmp:
         model.save_pretrained(tmp, save_compressed=compressed)
         tok.save_pretrained(tmp)
+        if rewrite_checkpoint_keys(tmp):  # e.g. LLaVA: the key layout vLLM reads
+            report["checkpoint_keys"] = "published layout (format/serving_keys.py)"
         if in_features:
             _add_file_bits(report, _file_bits_by_module(model, tmp, in_features), in_features)
         (tmp / "bivlm_report.json").write_text(json.dumps(report, indent=2) + "\n")

@@ -121,7 +121,8 @@ class BiVLMVllmConfig(QuantizationConfig):
         if not isinstance(layer, LinearBase):
             return None
         parts = self.part_names(prefix)
-        hit = [p in self.targets for p in parts]
+        stored = self._stored_names()
+        hit = [p in self.targets or p in stored for p in parts]
         if all(hit):
             from .linear_method import BiVLMLinearMethod
 
@@ -155,6 +156,17 @@ class BiVLMVllmConfig(QuantizationConfig):
                 "another architecture"
             )
         return stored[name]
+
+    def _stored_names(self) -> set[str] | dict[str, Entries]:
+        """Packed modules found in the files (vLLM names), or nothing before the path is known.
+
+        The files are the ground truth: a config's ``targets`` are transformers module names,
+        which can differ from the checkpoint's key layout (transformers 5 flattens CLIP's
+        ``vision_model``; ``bivlm quantize`` writes the legacy keys vLLM expects).
+        """
+        if self.model_path is None:
+            return set()
+        return self._load_stored()
 
     def _load_stored(self) -> dict[str, Entries]:
         if self._stored is None:

@@ -1,0 +1,188 @@
+"""VLMs end to end (opt-in, ``-m integration``): quantize a tiny LLaVA with the whole-VLM recipe
+(`bivlm quantize`, easy-VQA calibration), load the packed checkpoint in transformers and in
+vLLM (offline ``LLM`` and ``vllm serve`` with an image in a chat request): greedy tokens on an
+easy-VQA image and question agree everywhere.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("vllm", reason="needs vLLM (pip install 'bivlm-plugin[vllm]')")
+pytest.importorskip("llmcompressor", reason="needs llm-compressor")
+pytest.importorskip("easy_vqa", reason="needs easy-vqa==1.0 (scripts/setup.sh installs it)")
+
+import bivlm_plugin  # noqa: E402,F401
+from tiny_vlms import VLLM_TEXT, VLLM_VISION, save_llava_with_processor  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[2]
+RUNNER = Path(__file__).with_name("vllm_vlm_runner.py")
+MAX_TOKENS = 6
+
+
+@pytest.fixture(scope="module")
+def llava_packed(tmp_path_factory) -> Path:
+    from bivlm_plugin.cli import main
+
+    root = tmp_path_factory.mktemp("llava_vllm")
+    src, out = root / "dense", root / "packed"
+    save_llava_with_processor(src, VLLM_TEXT, VLLM_VISION)
+    argv = ["quantize", "--model", str(src), "--recipe", str(REPO / "recipes/bivlm_vlm_w1.yaml")]
+    assert main(argv + ["--output", str(out), "--num-calibration-samples", "4"]) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def vqa_request(llava_packed: Path, tmp_path_factory) -> dict:
+    """An easy-VQA test image (saved as PNG) and its question as a chat message."""
+    from transformers import AutoProcessor
+
+    from bivlm_plugin.eval.vqa_data import easy_vqa_items
+
+    item = easy_vqa_items("test", 1)[0]
+    path = tmp_path_factory.mktemp("img") / "q0.png"
+    item.image().convert("RGB").save(path)
+    messages = [
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": item.question}]}
+    ]
+    processor = AutoProcessor.from_pretrained(llava_packed)
+    prompt = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    return {"prompt": prompt, "image": str(path), "question": item.question}
+
+
+def _transformers_greedy(folder: Path, req: dict) -> tuple[list[int], list[int]]:
+    """(prompt ids after image expansion, greedy ids) from the packed checkpoint, no KV cache."""
+    from PIL import Image
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from bivlm_plugin.integrations.transformers.linear import BinaryLinear
+
+    model = AutoModelForImageTextToText.from_pretrained(folder, dtype=torch.float32).eval()
+    assert any(isinstance(m, BinaryLinear) for m in model.modules())
+    processor = AutoProcessor.from_pretrained(folder)
+    image = Image.open(req["image"]).convert("RGB")
+    enc = processor(text=req["prompt"], images=[image], return_tensors="pt")
+    ids = enc["input_ids"]
+    with torch.no_grad():
+        for _ in range(MAX_TOKENS):
+            logits = model(input_ids=ids, pixel_values=enc["pixel_values"]).logits
+            ids = torch.cat([ids, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    n = enc["input_ids"].shape[1]
+    return enc["input_ids"][0].tolist(), ids[0, n:].tolist()
+
+
+@pytest.mark.integration
+def test_llava_offline_vllm_equals_transformers(
+    llava_packed: Path, vqa_request: dict, tmp_path: Path
+) -> None:
+    report = json.loads((llava_packed / "bivlm_report.json").read_text())
+    assert {lay["part"] for lay in report["layers"]} == {"language", "vision"}
+    _, want = _transformers_greedy(llava_packed, vqa_request)
+
+    req_path, out_path = tmp_path / "req.json", tmp_path / "out.json"
+    req_path.write_text(json.dumps(vqa_request))
+    env = {
+        **os.environ,
+        "VLLM_CPU_KVCACHE_SPACE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "VLLM_ALLOW_INSECURE_SERIALIZATION": "1",
+    }
+    cmd = [sys.executable, str(RUNNER), str(llava_packed), str(req_path), str(out_path)]
+    proc = subprocess.run(
+        cmd + [str(MAX_TOKENS)], env=env, capture_output=True, text=True, timeout=900
+    )
+    assert proc.returncode == 0, proc.stderr[-6000:]
+    got = json.loads(out_path.read_text())
+    assert got["quantization"] == "bivlm"
+    names = set(got["packed"])
+    # Both towers run packed: the LM's fused projections and the vision encoder's.
+    assert any(n.startswith("language_model") and n.endswith("qkv_proj") for n in names), names
+    assert any("vision_tower" in n for n in names), names
+    assert not any("multi_modal_projector" in n for n in names)
+    assert got["tokens"] == want, f"vLLM {got['tokens']} vs transformers {want}"
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.integration
+def test_llava_vllm_serve_answers_an_image_request(
+    llava_packed: Path, vqa_request: dict, tmp_path: Path
+) -> None:
+    """`vllm serve DIR` answers an OpenAI chat request with an inline (data URL) image; the
+    prompt ids it built and its greedy ids equal transformers' on the same checkpoint."""
+    import urllib.error
+    import urllib.request
+
+    prompt_ids, want = _transformers_greedy(llava_packed, vqa_request)
+    port = _free_port()
+    log_path = tmp_path / "serve.log"
+    cmd = [str(Path(sys.executable).parent / "vllm"), "serve", str(llava_packed)]
+    cmd += ["--host", "127.0.0.1", "--port", str(port), "--dtype", "float32", "--enforce-eager"]
+    cmd += ["--max-model-len", "256"]
+    with log_path.open("w") as log:
+        proc = subprocess.Popen(
+            cmd,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"},
+        )
+    try:
+        deadline = time.time() + 600
+        while True:
+            if proc.poll() is not None:
+                raise AssertionError("vllm serve exited:\n" + log_path.read_text()[-3000:])
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=5) as r:
+                    name = json.loads(r.read())["data"][0]["id"]
+                break
+            except (urllib.error.URLError, ConnectionError, TimeoutError):
+                if time.time() > deadline:
+                    raise AssertionError("vllm serve did not come up in 600 s") from None
+                time.sleep(2)
+        png = base64.b64encode(Path(vqa_request["image"]).read_bytes()).decode()
+        body = {
+            "model": name,
+            "messages": [
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{png}"}},
+                        {"type": "text", "text": vqa_request["question"]},
+                    ],
+                }
+            ],
+            "max_tokens": MAX_TOKENS,
+            "temperature": 0.0,
+            "ignore_eos": True,
+            "return_token_ids": True,
+        }
+        req = urllib.request.Request(
+            f"http://127.0.0.1:{port}/v1/chat/completions",
+            data=json.dumps(body).encode(),
+            headers={"Content-Type": "application/json"},
+        )
+        with urllib.request.urlopen(req, timeout=300) as resp:
+            res = json.loads(resp.read())
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    assert res["prompt_token_ids"] == prompt_ids  # same chat rendering and image expansion
+    assert res["choices"][0]["token_ids"] == want

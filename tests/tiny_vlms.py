@@ -218,3 +218,95 @@ def save_llava_with_processor(path, text: dict | None = None, vision: dict | Non
     torch.manual_seed(0)
     _llava_model(text, vision).save_pretrained(path)
     processor.save_pretrained(path)
+
+
+QWEN_CHAT_TEMPLATE = (
+    "{% for m in messages %}{{ m['role'] }}:{% for c in m['content'] %}"
+    "{% if c['type'] == 'image' %} <|vision_start|><|image_pad|><|vision_end|>"
+    "{% else %} {{ c['text'] }}{% endif %}{% endfor %}\n"
+    "{% endfor %}{% if add_generation_prompt %}assistant:{% endif %}"
+)
+# Head size 32 in the language model (mrope sections sum to 16) and in the vision tower.
+VLLM_QWEN_TEXT = dict(
+    hidden_size=128,
+    intermediate_size=256,
+    num_attention_heads=4,
+    rope_scaling={"type": "mrope", "mrope_section": [4, 6, 6]},
+)
+VLLM_QWEN_VISION = dict(embed_dim=64, num_heads=2, hidden_size=128)
+
+
+def save_qwen2_vl_with_processor(path, text: dict | None = None, vision: dict | None = None):
+    """A tiny Qwen2-VL plus a real Qwen2VLProcessor (Qwen2-VL image processor: 4-pixel patches,
+    2x2 merge, images resized to 32..64 pixels a side; word-level tokenizer over easy-VQA's
+    words with Qwen's vision special tokens; a chat template), saved as a folder."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import (
+        PreTrainedTokenizerFast,
+        Qwen2VLConfig,
+        Qwen2VLForConditionalGeneration,
+        Qwen2VLImageProcessor,
+        Qwen2VLProcessor,
+        Qwen2VLVideoProcessor,
+    )
+
+    words = (
+        "user assistant : ? what is the color of shape does image contain a an there not "
+        "in circle green red gray yes teal black rectangle yellow triangle brown blue no"
+    )
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2}
+    for w in words.split():
+        vocab.setdefault(w, len(vocab))
+    specials = ["<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>"]
+    for i, t in enumerate(specials):
+        vocab[t] = IMAGE_TOKEN + i
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        unk_token="<unk>",
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<unk>",
+        extra_special_tokens={"image_token": "<|image_pad|>", "video_token": "<|video_pad|>"},
+    )
+    fast.add_special_tokens({"additional_special_tokens": specials})
+    image_processor = Qwen2VLImageProcessor(
+        patch_size=4,
+        merge_size=2,
+        temporal_patch_size=2,
+        min_pixels=32 * 32,
+        max_pixels=64 * 64,
+    )
+    video_processor = Qwen2VLVideoProcessor(patch_size=4, merge_size=2, temporal_patch_size=2)
+    processor = Qwen2VLProcessor(
+        image_processor=image_processor,
+        tokenizer=fast,
+        video_processor=video_processor,
+        chat_template=QWEN_CHAT_TEMPLATE,
+    )
+    text_cfg = dict(TEXT, rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]})
+    text_cfg.update(text or {})
+    vision_cfg = dict(
+        depth=2,
+        embed_dim=32,
+        hidden_size=text_cfg["hidden_size"],
+        num_heads=2,
+        mlp_ratio=2,
+        patch_size=4,
+        spatial_merge_size=2,
+        temporal_patch_size=2,
+        in_channels=3,
+    )
+    vision_cfg.update(vision or {})
+    cfg = Qwen2VLConfig(
+        text_config=text_cfg,
+        vision_config=vision_cfg,
+        image_token_id=IMAGE_TOKEN,
+        video_token_id=IMAGE_TOKEN + 1,
+        vision_start_token_id=IMAGE_TOKEN + 2,
+        vision_end_token_id=IMAGE_TOKEN + 3,
+    )
+    torch.manual_seed(0)
+    Qwen2VLForConditionalGeneration(cfg).save_pretrained(path)
+    processor.save_pretrained(path)

@@ -263,6 +263,12 @@ def test_llava_loads_packed_with_image_text_to_text(tmp_path) -> None:
     assert (got - ref).abs().max().item() <= LOGIT_ATOL
     again = BiVLMForImageTextToText.from_pretrained(tmp_path / "q")
     assert isinstance(again.get_submodule(next(iter(codes))), BinaryLinear)
+    # dtype= reaches every dense parameter although transformers keeps checkpoint dtypes for
+    # the keys it renames (all of a VLM's); packed buffers keep their stored dtypes.
+    half = AutoModelForImageTextToText.from_pretrained(tmp_path / "q", dtype=torch.bfloat16)
+    assert {p.dtype for p in half.parameters()} == {torch.bfloat16}
+    packed = half.get_submodule(next(iter(codes)))
+    assert packed.signs.dtype == torch.int32 and packed.scales.dtype == torch.float16
 
 
 def test_bivlm_quantize_writes_packed_and_eval_ppl_loads_it(

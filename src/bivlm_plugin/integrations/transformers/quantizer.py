@@ -11,12 +11,13 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+import torch
 from transformers.quantizers.base import HfQuantizer
 
 from bivlm_plugin.format.checkpoint import layout_from_header, packed_modules_in_files
 
 from .config import BiVLMConfig
-from .linear import replace_with_binary_linear
+from .linear import BinaryLinear, replace_with_binary_linear
 
 __all__ = ["BiVLMHfQuantizer"]
 
@@ -64,6 +65,22 @@ class BiVLMHfQuantizer(HfQuantizer):
         return model
 
     def _process_model_after_weight_loading(self, model, **kwargs: Any):
+        # transformers keeps the checkpoint's dtype for every key it renames while loading a
+        # pre-quantized model (core_model_loading: "deserializing"), and VLM checkpoints are
+        # renamed wholesale (published layout -> transformers 5 modules): without this a
+        # bf16-saved Qwen2-VL loaded with dtype=torch.float32 keeps bf16 dense layers next to
+        # float32 activations. Packed buffers keep their stored integer / fp16 dtypes.
+        target = getattr(model.config, "dtype", None)  # the dtype from_pretrained settled on
+        if isinstance(target, torch.dtype):
+            keep = set(getattr(model, "_keep_in_fp32_modules", None) or [])
+            for name, module in model.named_modules():
+                if any(k in name for k in keep):
+                    continue
+                for pname, param in module.named_parameters(recurse=False):
+                    if isinstance(module, BinaryLinear) and pname != "bias":
+                        continue  # packed tensors keep their stored dtypes
+                    if param.is_floating_point() and param.dtype != target:
+                        param.data = param.data.to(target)
         return model
 
     def is_serializable(self) -> bool:

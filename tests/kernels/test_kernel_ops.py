@@ -151,3 +151,31 @@ def test_many_rows_prefer_dequant_gemm_and_match_reference(monkeypatch) -> None:
     monkeypatch.setenv("BIVLM_CPU_MAX_ROWS", "64")
     if cpu.CpuKernel.can_implement(many, layout)[0]:
         assert choose_kernel(many, layout) is cpu.CpuKernel
+
+
+def test_layer_cache_fast_path_matches_the_op_and_follows_new_tensors() -> None:
+    from bivlm_plugin.kernels.cpu import load_extension
+
+    if load_extension() is None:
+        pytest.skip("the AVX512 kernel is not available here")
+    codes = random_codes(48, 70, n_rings=2, k=3, seed=3)
+    packed, layout = pack(codes), layout_of(codes)
+    bias = torch.randn(48, dtype=torch.bfloat16)
+    x = torch.randn(2, 70, dtype=torch.bfloat16)
+    cache: dict = {}
+    got = binary_linear(x, packed, layout, bias, cache)
+    assert cache["cpu"] is not None  # the prepared direct call served it
+    torch.testing.assert_close(got, binary_linear(x, packed, layout, bias), rtol=0, atol=0)
+    # New storage (e.g. module.to(), load_state_dict(assign=True)): the cache is rebuilt.
+    other = pack(random_codes(48, 70, n_rings=2, k=3, seed=4))
+    torch.testing.assert_close(
+        binary_linear(x, other, layout, bias, cache), binary_linear(x, other, layout, bias)
+    )
+    # Many rows go through the op (dequantize-then-GEMM), still equal to the reference.
+    xs = torch.randn(16, 70)
+    torch.testing.assert_close(
+        binary_linear(xs, other, layout, None, {}),
+        binary_linear_reference(xs, other, layout, None),
+        rtol=1e-5,
+        atol=1e-4,
+    )

@@ -127,12 +127,45 @@ class CpuKernel:
         layout: BivlmLayout,
         bias: torch.Tensor | None,
     ) -> torch.Tensor:
-        mod = load_extension()
-        dev = x.device
         x2 = x.reshape(-1, layout.in_features).contiguous()
+        y = load_extension().binary_linear_cpu(x2, *cls.arguments(packed, layout, bias))
+        return y.reshape(*x.shape[:-1], layout.out_features)
+
+    @classmethod
+    def prepare(
+        cls, packed: Mapping[str, torch.Tensor], layout: BivlmLayout, bias: torch.Tensor | None
+    ):
+        """A ``fn(x) -> y`` for one layer's few-row calls with its arguments built once, or
+        None when this kernel cannot serve the layer (the caller then uses the op).
+
+        Decode calls are small (20-50 us of work at SmolLM2's shapes) and the op's per-call
+        Python (layout, chooser, argument checks) cost as much again: layers cache this.
+        """
+        if os.environ.get("BIVLM_KERNEL", "").strip() not in ("", cls.name):
+            return None
+        signs = packed["signs"]
+        probe = torch.empty(1, layout.in_features, dtype=torch.float32, device=signs.device)
+        if not cls.can_implement(probe, layout)[0]:
+            return None
+        fn, args = load_extension().binary_linear_cpu, cls.arguments(packed, layout, bias)
+        limit = int(os.environ.get("BIVLM_CPU_MAX_ROWS", CPU_MAX_ROWS))
+        in_f, out_f = layout.in_features, layout.out_features
+
+        def run(x: torch.Tensor) -> torch.Tensor | None:
+            if x.dtype not in DTYPES or x.numel() > limit * in_f:
+                return None
+            return fn(x.reshape(-1, in_f).contiguous(), *args).reshape(*x.shape[:-1], out_f)
+
+        return run
+
+    @staticmethod
+    def arguments(
+        packed: Mapping[str, torch.Tensor], layout: BivlmLayout, bias: torch.Tensor | None
+    ) -> tuple:
+        """The extension's arguments after ``x``, in its order."""
+        dev = packed["signs"].device
         e32, e16 = _empty(dev, torch.int32), _empty(dev, torch.int16)
-        y = mod.binary_linear_cpu(
-            x2,
+        return (
             packed["signs"].contiguous(),
             packed["rings"].contiguous() if "rings" in packed else e32,
             packed["scales"].contiguous(),
@@ -144,4 +177,3 @@ class CpuKernel:
             bias.to(torch.float32).contiguous() if bias is not None else _empty(dev, torch.float32),
             layout.n_rings,
         )
-        return y.reshape(*x.shape[:-1], layout.out_features)

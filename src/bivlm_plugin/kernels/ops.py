@@ -79,6 +79,7 @@ def binary_linear(
     packed: Mapping[str, torch.Tensor],
     layout: BivlmLayout,
     bias: torch.Tensor | None = None,
+    cache: dict | None = None,
 ) -> torch.Tensor:
     """y = x @ W_hat^T (+ bias) for a packed layer, through ``bivlm::binary_linear``.
 
@@ -86,6 +87,10 @@ def binary_linear(
         x: (..., I) float32 / bfloat16 / float16 activations.
         packed: tensors of ``layout`` (see ``format/layout.py``).
         bias: optional (O,) bias.
+        cache: a dict the caller keeps per layer. In eager CPU calls with few rows the CPU
+            kernel is then called directly with arguments prepared once, skipping the op's
+            per-call Python; rebuilt when the signs or bias storage changes (``.to()``,
+            ``load_state_dict(assign=True)``). In-place updates are seen as they are.
 
     Returns:
         (..., O) in x.dtype (accumulated in float32).
@@ -94,6 +99,16 @@ def binary_linear(
         raise ValueError(
             f"x has {x.shape[-1]} input features, the layer expects {layout.in_features}"
         )
+    if cache is not None and x.device.type == "cpu" and not torch.compiler.is_compiling():
+        key = (packed["signs"].data_ptr(), 0 if bias is None else bias.data_ptr())
+        if cache.get("key") != key:
+            from .cpu import CpuKernel
+
+            cache["key"], cache["cpu"] = key, CpuKernel.prepare(packed, layout, bias)
+        if cache["cpu"] is not None:
+            y = cache["cpu"](x)
+            if y is not None:
+                return y
     return binary_linear_op(
         x,
         packed["signs"],

@@ -77,8 +77,11 @@ class BinaryLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         from bivlm_plugin.kernels.ops import binary_linear
 
-        bias = None if self.bias is None else self.bias.to(x.dtype)
-        return binary_linear(x, self.packed(), self.layout, bias)
+        bias = self.bias
+        if bias is not None and bias.dtype != x.dtype:
+            bias = bias.to(x.dtype)
+        cache = self.__dict__.setdefault("_kernel_cache", {})
+        return binary_linear(x, self.packed(), self.layout, bias, cache)
 
     def extra_repr(self) -> str:
         lay = self.layout

@@ -178,6 +178,7 @@ class BiVLMLinearMethod(LinearMethodBase):
                 "checkpoint is incomplete"
             )
         del layer.bivlm_collector
+        layer.__dict__.pop("_bivlm_kernel_cache", None)
 
     def _packed(self, layer: torch.nn.Module) -> dict[str, torch.Tensor]:
         return {name: getattr(layer, name) for name in layer.bivlm_layout.specs()}
@@ -189,7 +190,10 @@ class BiVLMLinearMethod(LinearMethodBase):
 
         if bias is not None and bias.dtype != x.dtype:
             bias = bias.to(x.dtype)
-        return binary_linear(x, self._packed(layer), layer.bivlm_layout, bias)
+        # Weights are fixed after process_weights_after_loading: the layer keeps the prepared
+        # CPU arguments (decode steps skip the op's per-call Python).
+        cache = layer.__dict__.setdefault("_bivlm_kernel_cache", {})
+        return binary_linear(x, self._packed(layer), layer.bivlm_layout, bias, cache)
 
     def dequantize_weight(self, layer: torch.nn.Module) -> torch.Tensor:
         """Dense (O, I) float32 weight of the rank-local layer (for re-quantization)."""

@@ -297,18 +297,39 @@ torch::Tensor binary_linear_cpu(
   TORCH_CHECK(signs.scalar_type() == at::kInt && signs.is_contiguous(), "signs: contiguous int32");
   const int64_t batch = x.size(0), in_f = x.size(1), out_f = signs.size(0), words = signs.size(1);
   TORCH_CHECK(words * 32 >= in_f && (words - 1) * 32 < in_f, "signs width does not match x");
+  TORCH_CHECK(x.is_contiguous(), "x must be contiguous");
   const int64_t ldx = 32 * words;
-  auto xf = at::zeros({batch, ldx}, x.options().dtype(at::kFloat));
-  xf.narrow(1, 0, in_f).copy_(x);
-  auto xsum = xf.sum(1);
-  auto tables = at::empty({batch, 8 * words, 16}, xf.options());
-  at::parallel_for(0, batch, 1, [&](int64_t b0, int64_t b1) {
-    for (int64_t b = b0; b < b1; ++b)
-      build_tables(xf.data_ptr<float>() + b * ldx, 8 * words, tables.data_ptr<float>() + b * 8 * words * 16);
+  // Per-call scratch lives in thread-local buffers (decode calls are ~20 us of work: ATen
+  // allocations and dispatches would cost as much). x is converted to fp32, zero padded.
+  thread_local std::vector<float> xbuf, ybuf;
+  thread_local std::vector<__m512> tbuf;
+  xbuf.assign(batch * ldx + batch, 0.f);
+  float* xf = xbuf.data();
+  float* xsum = xf + batch * ldx;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "bivlm_load_x", [&] {
+    const scalar_t* src = x.data_ptr<scalar_t>();
+    for (int64_t b = 0; b < batch; ++b) {
+      float acc = 0.f;
+      for (int64_t i = 0; i < in_f; ++i) {
+        const float v = static_cast<float>(src[b * in_f + i]);
+        xf[b * ldx + i] = v;
+        acc += v;
+      }
+      xsum[b] = acc;
+    }
+  });
+  const int64_t tstride = 8 * words;  // zmm tables per batch row
+  if (static_cast<int64_t>(tbuf.size()) < batch * tstride) tbuf.resize(batch * tstride);
+  float* tables = reinterpret_cast<float*>(tbuf.data());
+  at::parallel_for(0, batch, batch > 4 ? 1 : batch, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) build_tables(xf + b * ldx, tstride, tables + b * tstride * 16);
   });
   const int64_t k = salient_idx.numel() ? salient_idx.size(1) : 0;
-  auto y = at::empty({batch, out_f}, xf.options());
-  Problem p{xf.data_ptr<float>(), xsum.data_ptr<float>(), tables.data_ptr<float>(), ldx,
+  const bool f32 = x.scalar_type() == at::kFloat;
+  auto y = at::empty({batch, out_f}, x.options());
+  if (!f32) ybuf.resize(batch * out_f);
+  float* yf = f32 ? y.data_ptr<float>() : ybuf.data();
+  Problem p{xf, xsum, tables, ldx,
             signs.data_ptr<int32_t>(), rings.numel() ? rings.data_ptr<int32_t>() : nullptr,
             words, out_f};
   const bool idx8 = k && salient_idx.scalar_type() == at::kByte;
@@ -321,14 +342,20 @@ torch::Tensor binary_linear_cpu(
              k ? salient_sign2.size(1) : 0,
              salient_count.numel() ? salient_count.data_ptr<int16_t>() : nullptr,
              signs.data_ptr<int32_t>(), words,
-             bias.numel() ? bias.data_ptr<float>() : nullptr, y.data_ptr<float>()};
+             bias.numel() ? bias.data_ptr<float>() : nullptr, yf};
   switch (n_rings) {
     case 1: run<1>(p, e, batch); break;
     case 2: run<2>(p, e, batch); break;
     case 3: run<3>(p, e, batch); break;
     default: run<4>(p, e, batch); break;
   }
-  return x.scalar_type() == at::kFloat ? y : y.to(x.scalar_type());
+  if (!f32) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "bivlm_store_y", [&] {
+      scalar_t* dst = y.data_ptr<scalar_t>();
+      for (int64_t i = 0; i < batch * out_f; ++i) dst[i] = static_cast<scalar_t>(yf[i]);
+    });
+  }
+  return y;
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {

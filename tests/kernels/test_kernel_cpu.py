@@ -82,3 +82,32 @@ def test_cpu_kernel_declines_with_reasons(cpu_kernel) -> None:
 
     ok, reason = cpu_kernel.can_implement(torch.zeros(1, 33), replace(layout, n_rings=5))
     assert not ok and "n_rings" in reason
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
+@pytest.mark.parametrize("n_rings", [1, 2, 4])
+def test_cpu_dequantize_equals_the_format_dequantizer(cpu_kernel, shape, n_rings) -> None:
+    """The prefill path's AVX512 dequantizer: fp32 bit-exact, bf16 = rounded fp32."""
+    from bivlm_plugin.format.codes import dequantize_packed
+    from bivlm_plugin.kernels.cpu import load_extension
+
+    packed, layout = _layer(*shape, n_rings)
+    args = cpu_kernel.arguments(packed, layout, None)[:-2]
+    want = dequantize_packed(packed, layout)
+    mod = load_extension()
+    got = mod.dequantize_cpu(*args, layout.in_features, layout.n_rings, False)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    got16 = mod.dequantize_cpu(*args, layout.in_features, layout.n_rings, True)
+    assert got16.dtype == torch.bfloat16
+    torch.testing.assert_close(got16, want.to(torch.bfloat16), rtol=0, atol=0)
+
+
+def test_dequant_gemm_prefill_uses_it_and_matches_reference(cpu_kernel) -> None:
+    from bivlm_plugin.kernels.reference_kernel import DequantGemmKernel
+
+    codes = random_codes(40, 300, 2, k=7, seed=3)
+    packed, layout = pack(codes), layout_of(codes)
+    sp, sl = shard_columns(packed, layout, 64, 300)  # variable-k salient lists
+    x = torch.randn(33, 236).to(torch.bfloat16)
+    y = DequantGemmKernel.run(x, sp, sl, None)
+    assert _rel_err(y, binary_linear_reference(x, sp, sl)) < TOL[torch.bfloat16]

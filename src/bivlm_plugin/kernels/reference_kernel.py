@@ -45,5 +45,17 @@ class DequantGemmKernel:
     def run(cls, x, packed, layout, bias):
         if x.dtype == torch.float32:
             return binary_linear_reference(x, packed, layout, bias)
-        w = dequantize_packed(packed, layout).to(device=x.device, dtype=x.dtype)
+        w = None
+        if x.device.type == "cpu" and layout.n_rings <= 4:
+            from .cpu import CpuKernel, load_extension
+
+            mod = load_extension()  # None (reason logged once) when it cannot be built
+            if mod is not None:
+                args = CpuKernel.arguments(packed, layout, None)[:-2]  # no bias, no n_rings
+                w = mod.dequantize_cpu(
+                    *args, layout.in_features, layout.n_rings, x.dtype == torch.bfloat16
+                )
+        if w is None:
+            w = dequantize_packed(packed, layout)
+        w = w.to(device=x.device, dtype=x.dtype)
         return F.linear(x, w, None if bias is None else bias.to(x.dtype))

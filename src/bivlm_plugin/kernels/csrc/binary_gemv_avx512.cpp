@@ -358,6 +358,92 @@ torch::Tensor binary_linear_cpu(
   return y;
 }
 
+// Round-to-nearest-even fp32 -> bf16 for 16 lanes (AVX512F/BW only: no AVX512_BF16 needed).
+inline __m256i to_bf16(__m512 v) {
+  const __m512i u = _mm512_castps_si512(v);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+  const __m512i r = _mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7FFF), lsb));
+  return _mm512_cvtepi32_epi16(_mm512_srli_epi32(r, 16));
+}
+
+// The dense (O, I) weight of a packed layer, bf16 or fp32: the prefill path (dequantize once
+// per call, then one dense GEMM). Same value rules as the GEMV epilogue above.
+torch::Tensor dequantize_cpu(
+    torch::Tensor signs, torch::Tensor rings, torch::Tensor scales, torch::Tensor mean,
+    torch::Tensor salient_idx, torch::Tensor salient_scales, torch::Tensor salient_sign2,
+    torch::Tensor salient_count, int64_t in_f, int64_t n_rings, bool bf16) {
+  TORCH_CHECK(n_rings >= 1 && n_rings <= 4, "n_rings must be in [1, 4], got ", n_rings);
+  TORCH_CHECK(signs.scalar_type() == at::kInt && signs.is_contiguous(), "signs: contiguous int32");
+  const int64_t out_f = signs.size(0), words = signs.size(1);
+  TORCH_CHECK(words * 32 >= in_f && (words - 1) * 32 < in_f, "signs width does not match in_f");
+  const int nb = n_rings <= 1 ? 0 : (n_rings <= 2 ? 1 : 2);
+  const int64_t k = salient_idx.numel() ? salient_idx.size(1) : 0;
+  const bool idx8 = k && salient_idx.scalar_type() == at::kByte;
+  const bool row_scales = scales.dim() == 2;
+  const int64_t mcols = mean.size(1);
+  auto w = at::empty({out_f, in_f}, signs.options().dtype(bf16 ? at::kBFloat16 : at::kFloat));
+  const uint16_t* sg = reinterpret_cast<const uint16_t*>(signs.data_ptr<int32_t>());
+  const uint16_t* rg = nb ? reinterpret_cast<const uint16_t*>(rings.data_ptr<int32_t>()) : nullptr;
+  const at::Half* sc = scales.data_ptr<at::Half>();
+  const at::Half* mn = mean.data_ptr<at::Half>();
+  const int64_t halves = 2 * words;
+  at::parallel_for(0, out_f, 16, [&](int64_t o0, int64_t o1) {
+    for (int64_t o = o0; o < o1; ++o) {
+      __m512 lo[4], hi[4];
+      for (int q = 0; q < n_rings; ++q) {
+        const float a = static_cast<float>(sc[row_scales ? o * n_rings + q : q]);
+        const float m = static_cast<float>(mn[o * mcols + (mcols > 1 ? q : 0)]);
+        lo[q] = _mm512_set1_ps(m - a);
+        hi[q] = _mm512_set1_ps(m + a);
+      }
+      const uint16_t* srow = sg + o * halves;
+      const uint16_t* rrow = nb ? rg + o * halves * nb : nullptr;
+      for (int64_t h = 0; h < halves; ++h) {
+        const int64_t c0 = 16 * h;
+        if (c0 >= in_f) break;
+        const __mmask16 s = _cvtu32_mask16(srow[h]);
+        __m512 v = _mm512_mask_blend_ps(s, lo[0], hi[0]);
+        if (nb) {
+          uint32_t pl[2] = {rrow[h], nb > 1 ? rrow[halves + h] : 0u};
+          for (int q = 1; q < n_rings; ++q) {
+            uint32_t mq = 0xFFFFu;
+            for (int b = 0; b < nb; ++b) mq &= ((q >> b) & 1) ? pl[b] : ~pl[b];
+            v = _mm512_mask_blend_ps(_cvtu32_mask16(mq), v, _mm512_mask_blend_ps(s, lo[q], hi[q]));
+          }
+        }
+        const int64_t left = in_f - c0;
+        const __mmask16 keep = left >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << left) - 1);
+        if (bf16) {
+          _mm256_mask_storeu_epi16(w.data_ptr<at::BFloat16>() + o * in_f + c0, keep, to_bf16(v));
+        } else {
+          _mm512_mask_storeu_ps(w.data_ptr<float>() + o * in_f + c0, keep, v);
+        }
+      }
+      const int64_t nk = salient_count.numel() ? salient_count.data_ptr<int16_t>()[o] : k;
+      if (!nk) continue;
+      const float mu_s = static_cast<float>(mn[o * mcols + (mcols > 1 ? n_rings : 0)]);
+      const float a1 = static_cast<float>(salient_scales.data_ptr<at::Half>()[2 * o]);
+      const float a2 = static_cast<float>(salient_scales.data_ptr<at::Half>()[2 * o + 1]);
+      const int32_t* swords = signs.data_ptr<int32_t>() + o * words;
+      const uint8_t* s2 = salient_sign2.data_ptr<uint8_t>() + o * salient_sign2.size(1);
+      for (int64_t j = 0; j < nk; ++j) {
+        const int64_t c = idx8 ? salient_idx.data_ptr<uint8_t>()[o * k + j]
+                               : salient_idx.data_ptr<int16_t>()[o * k + j];
+        const bool b1 = (static_cast<uint32_t>(swords[c >> 5]) >> (c & 31)) & 1u;
+        const bool b2 = (s2[j >> 3] >> (j & 7)) & 1u;
+        const float val = mu_s + (b1 ? a1 : -a1) + (b2 ? a2 : -a2);
+        if (bf16) {
+          w.data_ptr<at::BFloat16>()[o * in_f + c] = static_cast<at::BFloat16>(val);
+        } else {
+          w.data_ptr<float>()[o * in_f + c] = val;
+        }
+      }
+    }
+  });
+  return w;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("binary_linear_cpu", &binary_linear_cpu, "Bi-VLM binary linear (AVX512)");
+  m.def("dequantize_cpu", &dequantize_cpu, "Bi-VLM packed layer -> dense weight (AVX512)");
 }

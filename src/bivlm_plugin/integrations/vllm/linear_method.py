@@ -38,6 +38,8 @@ from bivlm_plugin.format.layout import BivlmLayout
 
 from .loading import RankPlan, assemble, column_parallel_plan, row_parallel_plan
 
+_UNSET = object()
+
 __all__ = ["BiVLMLinearMethod", "packed_layers", "plan_for_layer"]
 
 logger = logging.getLogger(__name__)
@@ -178,7 +180,7 @@ class BiVLMLinearMethod(LinearMethodBase):
                 "checkpoint is incomplete"
             )
         del layer.bivlm_collector
-        layer.__dict__.pop("_bivlm_kernel_cache", None)
+        layer.__dict__.pop("_bivlm_fast", None)
 
     def _packed(self, layer: torch.nn.Module) -> dict[str, torch.Tensor]:
         return {name: getattr(layer, name) for name in layer.bivlm_layout.specs()}
@@ -188,12 +190,23 @@ class BiVLMLinearMethod(LinearMethodBase):
     ) -> torch.Tensor:
         from bivlm_plugin.kernels.ops import binary_linear
 
+        # Weights are fixed after process_weights_after_loading: the layer keeps a prepared
+        # direct call of the CPU kernel for decode-sized inputs (no per-call dict, layout or
+        # chooser: at SmolLM2's shapes that Python cost as much as the kernel).
+        if x.device.type == "cpu" and not torch.compiler.is_compiling():
+            fast = layer.__dict__.get("_bivlm_fast", _UNSET)
+            if fast is _UNSET:
+                from bivlm_plugin.kernels.cpu import CpuKernel
+
+                fast = CpuKernel.prepare(self._packed(layer), layer.bivlm_layout, bias)
+                layer.__dict__["_bivlm_fast"] = fast
+            if fast is not None:
+                y = fast(x)
+                if y is not None:
+                    return y
         if bias is not None and bias.dtype != x.dtype:
             bias = bias.to(x.dtype)
-        # Weights are fixed after process_weights_after_loading: the layer keeps the prepared
-        # CPU arguments (decode steps skip the op's per-call Python).
-        cache = layer.__dict__.setdefault("_bivlm_kernel_cache", {})
-        return binary_linear(x, self._packed(layer), layer.bivlm_layout, bias, cache)
+        return binary_linear(x, self._packed(layer), layer.bivlm_layout, bias)
 
     def dequantize_weight(self, layer: torch.nn.Module) -> torch.Tensor:
         """Dense (O, I) float32 weight of the rank-local layer (for re-quantization)."""

@@ -264,10 +264,10 @@ template <int N>
 void run(const Problem& p, const Epilogue& e, int64_t batch) {
   constexpr int BT = max_bt(N);
   const int64_t nblocks = (p.out + kRowBlock - 1) / kRowBlock;
-  // Layers below ~2M weights run on the calling thread: their GEMV is a few microseconds, less
+  // Layers below ~0.5M weights run on the calling thread: their GEMV is a few microseconds, less
   // than a fork/join, and a busy sibling core turns the join into a long wait (measured in
   // vLLM decode: 600 us per call with the threads, 20-80 us without).
-  const int64_t grain = p.out * p.words * 32 * batch >= (int64_t{1} << 21) ? 1 : nblocks;
+  const int64_t grain = p.out * p.words * 32 * batch >= (int64_t{1} << 19) ? 1 : nblocks;
   at::parallel_for(0, nblocks, grain, [&](int64_t begin, int64_t end) {
     std::vector<float> sums(kRowBlock * batch * 2 * N);
     // 64-byte aligned salient scratch (whole zmm stores and loads only).

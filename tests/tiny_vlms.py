@@ -77,24 +77,29 @@ def _llava_sample(gen):
     return {"input_ids": _ids(16, gen), "pixel_values": torch.randn(1, 3, 32, 32, generator=gen)}
 
 
-def _qwen2_vl_model():
+def _qwen2_vl_model(text: dict | None = None, vision: dict | None = None):
     from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
 
-    text = dict(TEXT, rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]})
-    vision = dict(
-        depth=2,
-        embed_dim=32,
-        hidden_size=64,
-        num_heads=2,
-        mlp_ratio=2,
-        patch_size=4,
-        spatial_merge_size=2,
-        temporal_patch_size=2,
-        in_channels=3,
-    )
+    text_cfg = {
+        **TEXT,
+        "rope_scaling": {"type": "mrope", "mrope_section": [2, 3, 3]},
+        **(text or {}),
+    }
+    vision_cfg = {
+        "depth": 2,
+        "embed_dim": 32,
+        "hidden_size": text_cfg["hidden_size"],  # the merger projects into the LM's width
+        "num_heads": 2,
+        "mlp_ratio": 2,
+        "patch_size": 4,
+        "spatial_merge_size": 2,
+        "temporal_patch_size": 2,
+        "in_channels": 3,
+        **(vision or {}),
+    }
     cfg = Qwen2VLConfig(
-        text_config=text,
-        vision_config=vision,
+        text_config=text_cfg,
+        vision_config=vision_cfg,
         image_token_id=IMAGE_TOKEN,
         video_token_id=IMAGE_TOKEN + 1,
         vision_start_token_id=IMAGE_TOKEN + 2,
@@ -173,6 +178,33 @@ CHAT_TEMPLATE = (
 )
 
 
+VQA_WORDS = (
+    "user assistant : ? what is the color of shape does image contain a an there not "
+    "in circle green red gray yes teal black rectangle yellow triangle brown blue no"
+)
+
+
+def _vqa_tokenizer(specials: dict[str, int], extra_special_tokens: dict[str, str]):
+    """A word-level tokenizer over easy-VQA's words plus ``specials`` at fixed ids."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2}
+    for w in VQA_WORDS.split():
+        vocab.setdefault(w, len(vocab))
+    vocab.update(specials)
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        unk_token="<unk>",
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<unk>",
+        extra_special_tokens=extra_special_tokens,
+    )
+
+
 # Head size 32 in both towers: vLLM's CPU attention needs >= 32.
 VLLM_TEXT = dict(hidden_size=128, intermediate_size=256, num_attention_heads=4)
 VLLM_VISION = dict(hidden_size=64, intermediate_size=128, num_attention_heads=2)
@@ -182,27 +214,9 @@ def save_llava_with_processor(path, text: dict | None = None, vision: dict | Non
     """A tiny LLaVA plus a real LlavaProcessor (CLIP image processor, word-level tokenizer over
     easy-VQA's words, a chat template), saved as a folder ``bivlm quantize`` can read.
     ``text`` / ``vision`` override config fields (e.g. ``VLLM_TEXT`` / ``VLLM_VISION``)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import CLIPImageProcessor, LlavaProcessor, PreTrainedTokenizerFast
+    from transformers import CLIPImageProcessor, LlavaProcessor
 
-    words = (
-        "user assistant : ? what is the color of shape does image contain a an there not "
-        "in circle green red gray yes teal black rectangle yellow triangle brown blue no"
-    )
-    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2}
-    for w in words.split():
-        vocab.setdefault(w, len(vocab))
-    vocab["<image>"] = IMAGE_TOKEN
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        unk_token="<unk>",
-        bos_token="<s>",
-        eos_token="</s>",
-        pad_token="<unk>",
-        extra_special_tokens={"image_token": "<image>"},
-    )
+    fast = _vqa_tokenizer({"<image>": IMAGE_TOKEN}, {"image_token": "<image>"})
     image_processor = CLIPImageProcessor(
         size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}
     )
@@ -240,35 +254,12 @@ def save_qwen2_vl_with_processor(path, text: dict | None = None, vision: dict | 
     """A tiny Qwen2-VL plus a real Qwen2VLProcessor (Qwen2-VL image processor: 4-pixel patches,
     2x2 merge, images resized to 32..64 pixels a side; word-level tokenizer over easy-VQA's
     words with Qwen's vision special tokens; a chat template), saved as a folder."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import (
-        PreTrainedTokenizerFast,
-        Qwen2VLConfig,
-        Qwen2VLForConditionalGeneration,
-        Qwen2VLImageProcessor,
-        Qwen2VLProcessor,
-        Qwen2VLVideoProcessor,
-    )
+    from transformers import Qwen2VLImageProcessor, Qwen2VLProcessor, Qwen2VLVideoProcessor
 
-    words = (
-        "user assistant : ? what is the color of shape does image contain a an there not "
-        "in circle green red gray yes teal black rectangle yellow triangle brown blue no"
-    )
-    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2}
-    for w in words.split():
-        vocab.setdefault(w, len(vocab))
     specials = ["<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>"]
-    for i, t in enumerate(specials):
-        vocab[t] = IMAGE_TOKEN + i
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        unk_token="<unk>",
-        bos_token="<s>",
-        eos_token="</s>",
-        pad_token="<unk>",
-        extra_special_tokens={"image_token": "<|image_pad|>", "video_token": "<|video_pad|>"},
+    fast = _vqa_tokenizer(
+        {t: IMAGE_TOKEN + i for i, t in enumerate(specials)},
+        {"image_token": "<|image_pad|>", "video_token": "<|video_pad|>"},
     )
     fast.add_special_tokens({"additional_special_tokens": specials})
     image_processor = Qwen2VLImageProcessor(
@@ -285,28 +276,6 @@ def save_qwen2_vl_with_processor(path, text: dict | None = None, vision: dict | 
         video_processor=video_processor,
         chat_template=QWEN_CHAT_TEMPLATE,
     )
-    text_cfg = dict(TEXT, rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]})
-    text_cfg.update(text or {})
-    vision_cfg = dict(
-        depth=2,
-        embed_dim=32,
-        hidden_size=text_cfg["hidden_size"],
-        num_heads=2,
-        mlp_ratio=2,
-        patch_size=4,
-        spatial_merge_size=2,
-        temporal_patch_size=2,
-        in_channels=3,
-    )
-    vision_cfg.update(vision or {})
-    cfg = Qwen2VLConfig(
-        text_config=text_cfg,
-        vision_config=vision_cfg,
-        image_token_id=IMAGE_TOKEN,
-        video_token_id=IMAGE_TOKEN + 1,
-        vision_start_token_id=IMAGE_TOKEN + 2,
-        vision_end_token_id=IMAGE_TOKEN + 3,
-    )
     torch.manual_seed(0)
-    Qwen2VLForConditionalGeneration(cfg).save_pretrained(path)
+    _qwen2_vl_model(text, vision).save_pretrained(path)
     processor.save_pretrained(path)

@@ -136,72 +136,16 @@ def test_vllm_greedy_tokens_equal_transformers(packed_dir: Path, tmp_path: Path)
     assert got["tokens"] == want, f"vLLM {got['tokens']} vs transformers {want}"
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _post(url: str, payload: dict) -> dict:
-    import urllib.request
-
-    req = urllib.request.Request(
-        url, data=json.dumps(payload).encode(), headers={"Content-Type": "application/json"}
-    )
-    with urllib.request.urlopen(req, timeout=120) as resp:
-        return json.loads(resp.read())
-
-
 @pytest.mark.integration
 def test_vllm_serve_answers_text_request(packed_dir: Path, tmp_path: Path) -> None:
     """`vllm serve DIR` (our launcher, no --quantization flag) on 127.0.0.1 answers a completion
     whose greedy tokens equal transformers' on the same packed checkpoint."""
-    import urllib.error
-    import urllib.request
+    from vllm_serve_helpers import post_json, vllm_serve
 
-    port = _free_port()
-    vllm = Path(sys.executable).parent / "vllm"
-    log = (tmp_path / "serve.log").open("w")
-    proc = subprocess.Popen(
-        [
-            str(vllm),
-            "serve",
-            str(packed_dir),
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--dtype",
-            "float32",
-            "--enforce-eager",
-            "--max-model-len",
-            "256",
-        ],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"},
-    )
-    try:
-        deadline = time.time() + 600
-        while True:
-            if proc.poll() is not None:
-                raise AssertionError(
-                    "vllm serve exited:\n" + (tmp_path / "serve.log").read_text()[-3000:]
-                )
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=5) as r:
-                    models = json.loads(r.read())
-                break
-            except (urllib.error.URLError, ConnectionError, TimeoutError):
-                if time.time() > deadline:
-                    raise AssertionError("vllm serve did not come up in 600 s") from None
-                time.sleep(2)
-        name = models["data"][0]["id"]
+    with vllm_serve(packed_dir, tmp_path / "serve.log") as (url, name):
         prompt = [5, 9, 14]
-        res = _post(
-            f"http://127.0.0.1:{port}/v1/completions",
+        res = post_json(
+            f"{url}/v1/completions",
             {
                 "model": name,
                 "prompt": prompt,
@@ -221,13 +165,6 @@ def test_vllm_serve_answers_text_request(packed_dir: Path, tmp_path: Path) -> No
 
             tok = AutoTokenizer.from_pretrained(packed_dir)
             assert choice["text"] == tok.decode(want)
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
 
 
 @pytest.mark.integration

@@ -11,7 +11,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -130,49 +129,16 @@ def test_vlm_offline_vllm_equals_transformers(
     assert got["tokens"] == want, f"vLLM {got['tokens']} vs transformers {want}"
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.integration
 def test_vlm_vllm_serve_answers_an_image_request(
     vlm_packed: Path, vqa_request: dict, tmp_path: Path
 ) -> None:
     """`vllm serve DIR` answers an OpenAI chat request with an inline (data URL) image; the
     prompt ids it built and its greedy ids equal transformers' on the same checkpoint."""
-    import urllib.error
-    import urllib.request
+    from vllm_serve_helpers import post_json, vllm_serve
 
     prompt_ids, want = _transformers_greedy(vlm_packed, vqa_request)
-    port = _free_port()
-    log_path = tmp_path / "serve.log"
-    cmd = [str(Path(sys.executable).parent / "vllm"), "serve", str(vlm_packed)]
-    cmd += ["--host", "127.0.0.1", "--port", str(port), "--dtype", "float32", "--enforce-eager"]
-    cmd += ["--max-model-len", "256"]
-    with log_path.open("w") as log:
-        proc = subprocess.Popen(
-            cmd,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"},
-        )
-    try:
-        deadline = time.time() + 600
-        while True:
-            if proc.poll() is not None:
-                raise AssertionError("vllm serve exited:\n" + log_path.read_text()[-3000:])
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=5) as r:
-                    name = json.loads(r.read())["data"][0]["id"]
-                break
-            except (urllib.error.URLError, ConnectionError, TimeoutError):
-                if time.time() > deadline:
-                    raise AssertionError("vllm serve did not come up in 600 s") from None
-                time.sleep(2)
+    with vllm_serve(vlm_packed, tmp_path / "serve.log") as (url, name):
         png = base64.b64encode(Path(vqa_request["image"]).read_bytes()).decode()
         body = {
             "model": name,
@@ -190,18 +156,6 @@ def test_vlm_vllm_serve_answers_an_image_request(
             "ignore_eos": True,
             "return_token_ids": True,
         }
-        req = urllib.request.Request(
-            f"http://127.0.0.1:{port}/v1/chat/completions",
-            data=json.dumps(body).encode(),
-            headers={"Content-Type": "application/json"},
-        )
-        with urllib.request.urlopen(req, timeout=300) as resp:
-            res = json.loads(resp.read())
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        res = post_json(f"{url}/v1/chat/completions", body)
     assert res["prompt_token_ids"] == prompt_ids  # same chat rendering and image expansion
     assert res["choices"][0]["token_ids"] == want

@@ -74,6 +74,72 @@ def test_cpu_kernel_variable_k_shard_and_3d_input(cpu_kernel) -> None:
     assert err < TOL[torch.float32]
 
 
+def test_prepared_layers_match_reference(cpu_kernel, monkeypatch) -> None:
+    """``CpuKernel.prepare`` (the decode path of the vLLM and transformers layers): few rows
+    through the GEMV kernel, bias per call, None for inputs it does not take."""
+    monkeypatch.setenv("BIVLM_CPU_MAX_ROWS", "4")
+    a = _layer(830, 545, 1)  # 2% salient, int16 indices, last row block partial
+    b = _layer(64, 576, 2)
+    codes = random_codes(40, 300, 4, k=7, seed=3)
+    c = shard_columns(pack(codes), layout_of(codes), 64, 300)  # variable k, uint8 indices
+    g = torch.Generator().manual_seed(1)
+    for packed, layout in (a, b, c):
+        fn = cpu_kernel.prepare(packed, layout)
+        bias = torch.randn(layout.out_features, generator=g)
+        for batch in (1, 2, 4):
+            for dtype, tol in TOL.items():
+                x = torch.randn(batch, layout.in_features, generator=g).to(dtype)
+                for bb in (None, bias.to(dtype)):
+                    y = fn(x, bb)
+                    ref = binary_linear_reference(x, packed, layout, bb)
+                    assert y.dtype == dtype and y.shape == ref.shape
+                    assert _rel_err(y, ref) < tol, (layout, batch, dtype)
+        x3 = torch.randn(2, 2, layout.in_features)
+        assert _rel_err(fn(x3), binary_linear_reference(x3, packed, layout)) < TOL[torch.float32]
+        # Inputs it does not take come back as None (the caller then uses the op).
+        assert fn(torch.randn(5, layout.in_features)) is None  # > BIVLM_CPU_MAX_ROWS
+        assert fn(torch.randn(1, layout.in_features, dtype=torch.float64)) is None
+        assert fn(torch.randn(1, layout.in_features + 1)) is None
+        with pytest.raises(RuntimeError, match="bias has"):
+            fn(torch.randn(1, layout.in_features), torch.zeros(layout.out_features + 1))
+    # NaN in, NaN out (the vectorized bf16 rounding keeps NaN a NaN).
+    packed, layout = a
+    xn = torch.randn(1, layout.in_features, dtype=torch.bfloat16)
+    xn[0, 3] = float("nan")
+    assert torch.isnan(cpu_kernel.prepare(packed, layout)(xn)).all()
+
+
+def test_packed_linear_op_any_rows_and_compiled(cpu_kernel) -> None:
+    """``bivlm_cpu::packed_linear(x, handle, bias)``: the C++ op vLLM's compiled graphs call;
+    few rows run the GEMV, many the dequantize-then-GEMM path; its fake implementation lets
+    torch.compile trace it (fullgraph)."""
+    packed, layout = _layer(64, 576, 2)
+    fn = cpu_kernel.prepare(packed, layout)
+    handle = cpu_kernel.register(fn)
+    op = torch.ops.bivlm_cpu.packed_linear
+    g = torch.Generator().manual_seed(2)
+    bias = torch.randn(64, generator=g)
+    try:
+        for rows in (1, 3, 40):
+            for dtype, tol in TOL.items():
+                x = torch.randn(rows, 576, generator=g).to(dtype)
+                y = op(x, handle, bias.to(dtype))
+                ref = binary_linear_reference(x, packed, layout, bias.to(dtype))
+                assert y.dtype == dtype and _rel_err(y, ref) < 2 * tol, (rows, dtype)
+
+        @torch.compile(fullgraph=True, backend="aot_eager")
+        def f(x):
+            return torch.relu(op(x, handle, bias))
+
+        x = torch.randn(2, 576, generator=g)
+        ref = torch.relu(binary_linear_reference(x, packed, layout, bias))
+        assert _rel_err(f(x), ref) < TOL[torch.float32]
+    finally:
+        cpu_kernel.release(handle)
+    with pytest.raises(RuntimeError, match="no prepared layer with handle"):
+        op(torch.randn(1, 576), handle)
+
+
 def test_cpu_kernel_declines_with_reasons(cpu_kernel) -> None:
     _, layout = _layer(7, 33, 1)
     ok, reason = cpu_kernel.can_implement(torch.zeros(1, 33, dtype=torch.float64), layout)

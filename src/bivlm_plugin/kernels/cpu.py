@@ -36,6 +36,18 @@ DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 _LOCK = threading.Lock()
 _STATE: dict[str, object] = {}
+_OUT_FEATURES: dict[int, int] = {}  # handle -> out_features, for the op's fake implementation
+
+
+def _register_fake() -> None:
+    """Shape rule of ``bivlm_cpu::packed_linear`` (defined by the extension) for FakeTensor
+    tracing (torch.compile, vLLM's compiled graphs)."""
+
+    @torch.library.register_fake("bivlm_cpu::packed_linear")
+    def _(x, handle, bias=None):
+        if handle not in _OUT_FEATURES:
+            raise ValueError(f"bivlm_cpu::packed_linear: no registered layer with handle {handle}")
+        return x.new_empty((*x.shape[:-1], _OUT_FEATURES[handle]))
 
 
 def build_dir() -> Path:
@@ -78,6 +90,7 @@ def load_extension():
                 build_directory=str(folder),
                 verbose=False,
             )
+            _register_fake()
         except Exception as exc:  # a compiler failure must not take the model down
             _STATE["error"] = f"building the AVX512 kernel failed: {type(exc).__name__}: {exc}"
             logger.warning("%s; falling back to the reference kernel", _STATE["error"])
@@ -132,14 +145,16 @@ class CpuKernel:
         return y.reshape(*x.shape[:-1], layout.out_features)
 
     @classmethod
-    def prepare(
-        cls, packed: Mapping[str, torch.Tensor], layout: BivlmLayout, bias: torch.Tensor | None
-    ):
-        """A ``fn(x) -> y`` for one layer's few-row calls with its arguments built once, or
-        None when this kernel cannot serve the layer (the caller then uses the op).
+    def prepare(cls, packed: Mapping[str, torch.Tensor], layout: BivlmLayout):
+        """The extension's ``PackedLayer`` for one layer, or None when this kernel cannot serve
+        it (the caller then uses the op).
 
-        Decode calls are small (20-50 us of work at SmolLM2's shapes) and the op's per-call
-        Python (layout, chooser, argument checks) cost as much again: layers cache this.
+        Its tensors are checked and their pointers taken once, so a call converts one argument
+        (the op's per-call Python, layout and chooser cost as much as the 10-40 us of work at
+        SmolLM2's shapes). ``fn(x, bias=None)`` returns None for inputs it does not take (more
+        than ``BIVLM_CPU_MAX_ROWS`` rows, other dtypes or devices); ``fn.linear(x, bias=None)``
+        takes any number of rows (dequantize-then-GEMM beyond the limit). ``register`` gives it
+        a handle for the ``bivlm_cpu::packed_linear`` op, which compiled graphs call.
         """
         if os.environ.get("BIVLM_KERNEL", "").strip() not in ("", cls.name):
             return None
@@ -147,16 +162,24 @@ class CpuKernel:
         probe = torch.empty(1, layout.in_features, dtype=torch.float32, device=signs.device)
         if not cls.can_implement(probe, layout)[0]:
             return None
-        fn, args = load_extension().binary_linear_cpu, cls.arguments(packed, layout, bias)
         limit = int(os.environ.get("BIVLM_CPU_MAX_ROWS", CPU_MAX_ROWS))
-        in_f, out_f = layout.in_features, layout.out_features
+        args = cls.arguments(packed, layout, None)
+        return load_extension().PackedLayer(*args[:8], layout.in_features, args[-1], limit)
 
-        def run(x: torch.Tensor) -> torch.Tensor | None:
-            if x.dtype not in DTYPES or x.numel() > limit * in_f:
-                return None
-            return fn(x.reshape(-1, in_f).contiguous(), *args).reshape(*x.shape[:-1], out_f)
+    @staticmethod
+    def register(layer) -> int:
+        """A handle for ``torch.ops.bivlm_cpu.packed_linear(x, handle, bias)`` (the prepared
+        layer stays alive until ``release(handle)``)."""
+        handle = load_extension().register_layer(layer)
+        _OUT_FEATURES[handle] = layer.out_features
+        return handle
 
-        return run
+    @staticmethod
+    def release(handle: int) -> None:
+        _OUT_FEATURES.pop(handle, None)
+        mod = _STATE.get("module")
+        if mod is not None:
+            mod.release_layer(handle)
 
     @staticmethod
     def arguments(

@@ -89,7 +89,7 @@ def binary_linear(
         bias: optional (O,) bias.
         cache: a dict the caller keeps per layer. In eager CPU calls with few rows the CPU
             kernel is then called directly with arguments prepared once, skipping the op's
-            per-call Python; rebuilt when the signs or bias storage changes (``.to()``,
+            per-call Python; rebuilt when the signs storage changes (``.to()``,
             ``load_state_dict(assign=True)``). In-place updates are seen as they are.
 
     Returns:
@@ -100,13 +100,13 @@ def binary_linear(
             f"x has {x.shape[-1]} input features, the layer expects {layout.in_features}"
         )
     if cache is not None and x.device.type == "cpu" and not torch.compiler.is_compiling():
-        key = (packed["signs"].data_ptr(), 0 if bias is None else bias.data_ptr())
+        key = packed["signs"].data_ptr()
         if cache.get("key") != key:
             from .cpu import CpuKernel
 
-            cache["key"], cache["cpu"] = key, CpuKernel.prepare(packed, layout, bias)
+            cache["key"], cache["cpu"] = key, CpuKernel.prepare(packed, layout)
         if cache["cpu"] is not None:
-            y = cache["cpu"](x)
+            y = cache["cpu"](x, bias)
             if y is not None:
                 return y
     return binary_linear_op(

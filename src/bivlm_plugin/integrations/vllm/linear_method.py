@@ -21,6 +21,7 @@ arrived.
 from __future__ import annotations
 
 import logging
+import weakref
 from typing import Any
 
 import torch
@@ -37,8 +38,6 @@ from bivlm_plugin.format.codes import dequantize_packed
 from bivlm_plugin.format.layout import BivlmLayout
 
 from .loading import RankPlan, assemble, column_parallel_plan, row_parallel_plan
-
-_UNSET = object()
 
 __all__ = ["BiVLMLinearMethod", "packed_layers", "plan_for_layer"]
 
@@ -180,7 +179,21 @@ class BiVLMLinearMethod(LinearMethodBase):
                 "checkpoint is incomplete"
             )
         del layer.bivlm_collector
+        # Weights are fixed from here: on CPU the layer keeps the kernel's prepared layer (one
+        # tensor argument per call instead of eleven, no per-call dict, layout or chooser: at
+        # SmolLM2's shapes that Python cost as much as the kernel) and its handle for the
+        # bivlm_cpu::packed_linear op, which torch.compile'd graphs call.
         layer.__dict__.pop("_bivlm_fast", None)
+        layer.__dict__.pop("_bivlm_handle", None)
+        if layer.signs.device.type == "cpu":
+            from bivlm_plugin.kernels.cpu import CpuKernel
+
+            fast = CpuKernel.prepare(self._packed(layer), layer.bivlm_layout)
+            if fast is not None:
+                handle = CpuKernel.register(fast)
+                weakref.finalize(layer, CpuKernel.release, handle)
+                layer.__dict__["_bivlm_fast"] = fast
+                layer.__dict__["_bivlm_handle"] = handle
 
     def _packed(self, layer: torch.nn.Module) -> dict[str, torch.Tensor]:
         return {name: getattr(layer, name) for name in layer.bivlm_layout.specs()}
@@ -188,22 +201,16 @@ class BiVLMLinearMethod(LinearMethodBase):
     def apply(
         self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None
     ) -> torch.Tensor:
-        from bivlm_plugin.kernels.ops import binary_linear
-
-        # Weights are fixed after process_weights_after_loading: the layer keeps a prepared
-        # direct call of the CPU kernel for decode-sized inputs (no per-call dict, layout or
-        # chooser: at SmolLM2's shapes that Python cost as much as the kernel).
-        if x.device.type == "cpu" and not torch.compiler.is_compiling():
-            fast = layer.__dict__.get("_bivlm_fast", _UNSET)
-            if fast is _UNSET:
-                from bivlm_plugin.kernels.cpu import CpuKernel
-
-                fast = CpuKernel.prepare(self._packed(layer), layer.bivlm_layout, bias)
-                layer.__dict__["_bivlm_fast"] = fast
-            if fast is not None:
-                y = fast(x)
+        fast = layer.__dict__.get("_bivlm_fast")
+        if fast is not None:
+            if not torch.compiler.is_compiling():
+                y = fast(x, bias)  # decode-sized inputs: the GEMV kernel, no dispatcher
                 if y is not None:
                     return y
+            # Prefill (dequantize once, one GEMM) and compiled graphs: the C++ op, no Python.
+            return torch.ops.bivlm_cpu.packed_linear(x, layer._bivlm_handle, bias)
+        from bivlm_plugin.kernels.ops import binary_linear
+
         if bias is not None and bias.dtype != x.dtype:
             bias = bias.to(x.dtype)
         return binary_linear(x, self._packed(layer), layer.bivlm_layout, bias)

@@ -140,8 +140,9 @@ def _cmd_bench_serve(args: argparse.Namespace) -> int:
         prompt_tokens=args.prompt_tokens,
         max_tokens=args.max_tokens,
         dtype=args.dtype,
-        compile=args.compile,
+        eager=args.eager,
         data=args.data,
+        rounds=args.rounds,
     )
     res["command"] = "bivlm " + " ".join(sys.argv[1:])
     for name, s in res["summary"].items():
@@ -234,7 +235,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt-tokens", type=int, default=128)
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--dtype", default="bfloat16")
-    p.add_argument("--compile", action="store_true", help="let vLLM compile (default: eager)")
+    p.add_argument(
+        "--eager",
+        action="store_true",
+        help="enforce_eager (default: vLLM's default, compiled graphs)",
+    )
+    p.add_argument(
+        "--rounds", type=int, default=1, help="run the three engines this many times, interleaved"
+    )
     p.add_argument("--data", help="WikiText-2 folder (default: ../shared/data/wikitext-2)")
     p.set_defaults(func=_cmd_bench_serve)
     return parser

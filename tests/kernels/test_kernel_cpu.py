@@ -76,15 +76,21 @@ def test_cpu_kernel_variable_k_shard_and_3d_input(cpu_kernel) -> None:
 
 def test_prepared_layers_match_reference(cpu_kernel, monkeypatch) -> None:
     """``CpuKernel.prepare`` (the decode path of the vLLM and transformers layers): few rows
-    through the GEMV kernel, bias per call, None for inputs it does not take."""
+    through the GEMV kernel with its salient plan (or gathers beyond 2^14 columns), bias per
+    call, None for inputs it does not take."""
     monkeypatch.setenv("BIVLM_CPU_MAX_ROWS", "4")
     a = _layer(830, 545, 1)  # 2% salient, int16 indices, last row block partial
     b = _layer(64, 576, 2)
     codes = random_codes(40, 300, 4, k=7, seed=3)
     c = shard_columns(pack(codes), layout_of(codes), 64, 300)  # variable k, uint8 indices
+    wide = random_codes(20, 16400, 1, k=40, seed=5)  # > 2^14 columns: no plan, gathers
+    d = (pack(wide), layout_of(wide))
     g = torch.Generator().manual_seed(1)
-    for packed, layout in (a, b, c):
+    for packed, layout in (a, b, c, d):
         fn = cpu_kernel.prepare(packed, layout)
+        # The salient plan: one int16 per salient weight, rows padded to 16 (none when wide).
+        plan = -(-layout.out_features // 16) * 16 * layout.k * 2
+        assert fn.extra_bytes == (plan if layout.in_features <= 1 << 14 else 0)
         bias = torch.randn(layout.out_features, generator=g)
         for batch in (1, 2, 4):
             for dtype, tol in TOL.items():

@@ -92,7 +92,10 @@ def _transformers_greedy(folder: Path, prompts: list[list[int]]) -> list[list[in
 
 
 @pytest.mark.integration
-def test_vllm_greedy_tokens_equal_transformers(packed_dir: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("mode", ["eager", "compiled"])
+def test_vllm_greedy_tokens_equal_transformers(packed_dir: Path, tmp_path: Path, mode: str) -> None:
+    """Eager runs the prepared kernel directly; compiled (vLLM's default) traces the layers
+    into graphs that call the ``bivlm_cpu::packed_linear`` op."""
     cfg = json.loads((packed_dir / "config.json").read_text())["quantization_config"]
     assert cfg["format"] == "bivlm-binary" and cfg["quant_method"] == "compressed-tensors"
     prompts = [[5, 17, 42, 99, 7], [120, 3, 250, 64], [11, 12, 13, 14, 15, 16, 17]]
@@ -115,6 +118,7 @@ def test_vllm_greedy_tokens_equal_transformers(packed_dir: Path, tmp_path: Path)
             str(prompts_path),
             str(out_path),
             str(MAX_TOKENS),
+            mode,
         ],
         env=env,
         capture_output=True,
@@ -178,6 +182,7 @@ def test_bench_serve_measures_bivlm_against_bf16_and_w4a16(
     cmd = [str(Path(sys.executable).parent / "bivlm"), "bench", "serve", "--model", str(packed_dir)]
     cmd += ["--bf16", str(dense_dir), "--json", str(out), "--prompts", "2"]
     cmd += ["--prompt-tokens", "16", "--max-tokens", "6"]  # bf16: vLLM's CPU W4A16 needs it
+    cmd += ["--eager", "--rounds", "2"]  # compiled engines are covered by the greedy test
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, proc.stderr[-6000:]
     res = json.loads(out.read_text())
@@ -190,8 +195,9 @@ def test_bench_serve_measures_bivlm_against_bf16_and_w4a16(
     )["quantization_config"]
     assert w4["config_groups"]["group_0"]["weights"]["num_bits"] == 4
     for name in ("bivlm", "bf16", "w4a16"):
-        assert len(res["runs"][name]["decode_tok_s"]) == 2
+        assert [len(r["decode_tok_s"]) for r in res["runs"][name]] == [2, 2]  # 2 rounds
         assert s[name]["decode_tok_s"] > 0 and s[name]["ttft_ms"] > 0
+    assert len(res["ratios_per_round"]) == 2 and res["protocol"]["enforce_eager"] is True
     r = res["ratios"]
     assert r["decode_vs_bf16"] == pytest.approx(
         s["bivlm"]["decode_tok_s"] / s["bf16"]["decode_tok_s"]

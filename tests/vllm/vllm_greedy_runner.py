@@ -1,7 +1,7 @@
 """Greedy generation in vLLM's offline engine, run as a script (spawned workers need the
 ``__main__`` guard, so the end-to-end test runs this file in a subprocess).
 
-Usage: python vllm_greedy_runner.py MODEL_DIR PROMPTS_JSON OUT_JSON MAX_TOKENS
+Usage: python vllm_greedy_runner.py MODEL_DIR PROMPTS_JSON OUT_JSON MAX_TOKENS [eager|compiled]
 PROMPTS_JSON holds a list of token-id lists; OUT_JSON receives the generated ids per prompt and
 the quantization method vLLM resolved.
 """
@@ -12,7 +12,7 @@ import json
 import sys
 
 
-def main(model: str, prompts_path: str, out_path: str, max_tokens: int) -> None:
+def main(model: str, prompts_path: str, out_path: str, max_tokens: int, mode: str) -> None:
     from vllm.inputs import TokensPrompt
 
     from bivlm_plugin.integrations.vllm.linear_method import packed_layers
@@ -22,7 +22,7 @@ def main(model: str, prompts_path: str, out_path: str, max_tokens: int) -> None:
     llm = LLM(
         model=model,
         dtype="float32",
-        enforce_eager=True,
+        enforce_eager=mode == "eager",  # compiled: vLLM's default (torch.compile'd graphs)
         max_model_len=128,
         max_num_seqs=4,
         seed=0,
@@ -43,4 +43,4 @@ def main(model: str, prompts_path: str, out_path: str, max_tokens: int) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]))
+    main(sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), (sys.argv[5:] or ["eager"])[0])

@@ -15,7 +15,10 @@ WikiText-2 test (P1's token stream cut shorter). Per prompt, batch 1, greedy, ``
     ttft        = wall time of generate(max_tokens=1)
     decode tok/s = (M - 1) / (wall(generate(max_tokens=M)) - ttft)
 
-Medians over prompts; ratios against bf16 and W4A16 from the same run.
+Engines run as vLLM runs them by default (compiled graphs); ``--eager`` sets
+``enforce_eager``. With ``--rounds R`` the three engines run R times, interleaved (bivlm, bf16,
+W4A16, bivlm, ...), so a slow spell on a shared machine hits every model: the summary takes
+medians over every prompt of every round, and ``ratios_per_round`` keeps each round's ratios.
 """
 
 from __future__ import annotations
@@ -118,7 +121,7 @@ def _worker(args: argparse.Namespace) -> None:
     llm = LLM(
         model=args.worker,
         dtype=args.dtype,
-        enforce_eager=not args.compile,
+        enforce_eager=args.eager,
         max_model_len=len(prompts[0]) + args.max_tokens + 8,
         max_num_seqs=1,
         seed=0,
@@ -168,7 +171,7 @@ def _run_worker(model: Path, prompts_file: Path, args: argparse.Namespace) -> di
             str(args.max_tokens),
             "--dtype",
             args.dtype,
-        ] + (["--compile"] if args.compile else [])
+        ] + (["--eager"] if args.eager else [])
         env = {
             **os.environ,
             "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"),
@@ -191,8 +194,9 @@ def bench_serve(
     prompt_tokens: int = 128,
     max_tokens: int = 64,
     dtype: str = "bfloat16",
-    compile: bool = False,
+    eager: bool = False,
     data: str | None = None,
+    rounds: int = 1,
 ) -> dict[str, Any]:
     """Decode tokens/s and time to first token of ``model`` vs its bf16 and W4A16 peers."""
     model = Path(model).resolve()
@@ -207,36 +211,47 @@ def bench_serve(
     bf16 = Path(bf16).resolve()
     if not (bf16 / "config.json").is_file():
         raise FileNotFoundError(f"--bf16 {bf16}: no config.json; pass the source model folder")
-    if prompts < 1 or prompt_tokens < 2 or max_tokens < 2:
+    if prompts < 1 or prompt_tokens < 2 or max_tokens < 2 or rounds < 1:
         raise ValueError(
-            f"need prompts >= 1, prompt_tokens >= 2, max_tokens >= 2; got {prompts}, "
-            f"{prompt_tokens}, {max_tokens}"
+            f"need prompts >= 1, prompt_tokens >= 2, max_tokens >= 2, rounds >= 1; got {prompts}, "
+            f"{prompt_tokens}, {max_tokens}, {rounds}"
         )
     if w4a16 is None:
         from bivlm_plugin.zoo.registry import cache_root
 
         w4a16 = build_w4a16(bf16, cache_root() / "bench" / f"{bf16.name}-w4a16-g64")
     w4a16 = Path(w4a16).resolve()
-    ns = argparse.Namespace(max_tokens=max_tokens, dtype=dtype, compile=compile)
-    runs: dict[str, Any] = {}
+    ns = argparse.Namespace(max_tokens=max_tokens, dtype=dtype, eager=eager)
+    names = ("bivlm", "bf16", "w4a16")
+    runs: dict[str, list[dict[str, Any]]] = {name: [] for name in names}
     with tempfile.TemporaryDirectory() as tmp:
         pfile = Path(tmp) / "prompts.json"
         pfile.write_text(json.dumps(_prompts(bf16, prompts, prompt_tokens, data)))
-        for name, folder in (("bivlm", model), ("bf16", bf16), ("w4a16", w4a16)):
-            runs[name] = _run_worker(folder, pfile, ns)
-    summary = {
-        name: {
-            "decode_tok_s": statistics.median(r["decode_tok_s"]),
-            "ttft_ms": 1e3 * statistics.median(r["ttft_s"]),
-            "quantization": r["quantization"],
+        for _ in range(rounds):
+            for name, folder in zip(names, (model, bf16, w4a16), strict=True):
+                runs[name].append(_run_worker(folder, pfile, ns))
+
+    def summarize(rs: list[dict[str, Any]]) -> dict[str, Any]:
+        return {
+            "decode_tok_s": statistics.median(v for r in rs for v in r["decode_tok_s"]),
+            "ttft_ms": 1e3 * statistics.median(v for r in rs for v in r["ttft_s"]),
+            "quantization": rs[0]["quantization"],
         }
-        for name, r in runs.items()
-    }
-    b = summary["bivlm"]
-    ratios = {
-        f"decode_vs_{peer}": b["decode_tok_s"] / summary[peer]["decode_tok_s"]
-        for peer in ("bf16", "w4a16")
-    } | {f"ttft_vs_{peer}": summary[peer]["ttft_ms"] / b["ttft_ms"] for peer in ("bf16", "w4a16")}
+
+    def ratios_of(summary: dict[str, Any]) -> dict[str, float]:
+        b = summary["bivlm"]
+        return {
+            f"decode_vs_{peer}": b["decode_tok_s"] / summary[peer]["decode_tok_s"]
+            for peer in ("bf16", "w4a16")
+        } | {
+            f"ttft_vs_{peer}": summary[peer]["ttft_ms"] / b["ttft_ms"] for peer in ("bf16", "w4a16")
+        }
+
+    summary = {name: summarize(rs) for name, rs in runs.items()}
+    ratios = ratios_of(summary)
+    per_round = [
+        ratios_of({name: summarize([rs[i]]) for name, rs in runs.items()}) for i in range(rounds)
+    ]
     return {
         "protocol": {
             "prompts": prompts,
@@ -244,11 +259,13 @@ def bench_serve(
             "max_tokens": max_tokens,
             "batch": 1,
             "dtype": dtype,
-            "enforce_eager": not compile,
+            "enforce_eager": eager,
+            "rounds": rounds,
             "source": "WikiText-2 test, first windows",
         },
         "summary": summary,
         "ratios": ratios,
+        "ratios_per_round": per_round,
         "runs": runs,
         "environment": environment_info(),
     }
@@ -261,7 +278,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", help=argparse.SUPPRESS)
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--dtype", default="bfloat16")
-    ap.add_argument("--compile", action="store_true")
+    ap.add_argument("--eager", action="store_true")
     args = ap.parse_args(argv)
     if not args.worker:
         ap.error("this module is run by `bivlm bench serve`")

@@ -71,8 +71,12 @@ class BinaryLinear(nn.Module):
         return {name: getattr(self, name) for name in self.layout.specs()}
 
     def storage_bytes(self) -> int:
-        """Resident bytes of the packed tensors (bias excluded, as in storage bits)."""
-        return sum(t.numel() * t.element_size() for t in self.packed().values())
+        """Resident bytes of the packed tensors (bias excluded, as in storage bits), plus what the
+        CPU kernel prepared from them once a forward ran (its salient plan: one int16 per
+        salient weight, the size of ``salient_idx``)."""
+        prepared = self.__dict__.get("_kernel_cache", {}).get("cpu")
+        extra = prepared.extra_bytes if prepared is not None else 0
+        return sum(t.numel() * t.element_size() for t in self.packed().values()) + extra
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         from bivlm_plugin.kernels.ops import binary_linear

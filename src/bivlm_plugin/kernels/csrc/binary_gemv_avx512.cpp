@@ -97,6 +97,34 @@ inline void transpose16(__m512i r[16]) {
 // dst[w] is word w0 + w of row o0 + r (rows past O read as zero).
 inline void load_transposed(const int32_t* plane, int64_t stride, int64_t o0, int64_t out,
                             int64_t w0, int nw, __m512i dst[16]) {
+  if (nw <= 4) {
+    // A tail of at most 4 words (576-wide layers: 18 words = 16 + 2): rows as 128-bit pieces,
+    // four rows per register, a 4 x 4 transpose inside each 128-bit lane, then one lane
+    // permute per word (dst[w] lane 4 L + i holds row 4 i + L before it): ~30 instructions
+    // instead of a full 16 x 16 transpose's ~96.
+    const __mmask8 m4 = static_cast<__mmask8>((1u << nw) - 1);
+    __m512i q[4];
+    for (int g = 0; g < 4; ++g) {
+      q[g] = _mm512_setzero_si512();
+      for (int l = 0; l < 4; ++l) {
+        const int64_t o = o0 + 4 * g + l;
+        if (o < out) {
+          const __m128i v = _mm_maskz_loadu_epi32(m4, plane + o * stride + w0);
+          if (l == 0) q[g] = _mm512_inserti32x4(q[g], v, 0);
+          if (l == 1) q[g] = _mm512_inserti32x4(q[g], v, 1);
+          if (l == 2) q[g] = _mm512_inserti32x4(q[g], v, 2);
+          if (l == 3) q[g] = _mm512_inserti32x4(q[g], v, 3);
+        }
+      }
+    }
+    const __m512i t0 = _mm512_unpacklo_epi32(q[0], q[1]), t1 = _mm512_unpackhi_epi32(q[0], q[1]);
+    const __m512i t2 = _mm512_unpacklo_epi32(q[2], q[3]), t3 = _mm512_unpackhi_epi32(q[2], q[3]);
+    const __m512i perm = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+    const __m512i u[4] = {_mm512_unpacklo_epi64(t0, t2), _mm512_unpackhi_epi64(t0, t2),
+                          _mm512_unpacklo_epi64(t1, t3), _mm512_unpackhi_epi64(t1, t3)};
+    for (int w = 0; w < nw; ++w) dst[w] = _mm512_permutexvar_epi32(perm, u[w]);
+    return;
+  }
   const __mmask16 m = nw >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << nw) - 1);
   for (int r = 0; r < 16; ++r)
     dst[r] = o0 + r < out ? _mm512_maskz_loadu_epi32(m, plane + (o0 + r) * stride + w0)
@@ -137,6 +165,9 @@ struct Epilogue {
   int64_t words;
   const float* bias;       // (O,) or nullptr
   float* y;                // (B, O) fp32
+  // Salient plan of a prepared layer (see build_plan), or nullptr: (blocks, k, 16) int16, entry
+  // j of row 16 b + r = column | B1 << 14 | B2 << 15 (0 where the row has fewer entries).
+  const uint16_t* plan = nullptr;
 };
 
 // 32-bit words at byte offsets `off` (lanes in m) of a buffer of `size` bytes. Lanes whose four
@@ -221,6 +252,20 @@ void row_block(const Problem& p, const Epilogue& e, int64_t o0, RowBlock<N>& rb)
   const __m512 a2 = load_halves(e.sal_scales, out * 2, 2, 1, o0, m);
   const __m512 d0 = _mm512_sub_ps(mu_s, mean0), d1 = _mm512_sub_ps(a1, a0);
   const __m512 nd1 = _mm512_sub_ps(_mm512_setzero_ps(), d1), na2 = _mm512_sub_ps(_mm512_setzero_ps(), a2);
+  if (e.plan) {  // one contiguous load per entry instead of three gathers
+    const uint16_t* pb = e.plan + (o0 / kRowBlock) * e.k * 16;
+    for (int64_t j = 0; j < rb.kmax; ++j) {
+      const __mmask16 mj = m & _mm512_cmpgt_epi32_mask(cnt, _mm512_set1_epi32(static_cast<int32_t>(j)));
+      const __m512i v = _mm512_cvtepu16_epi32(_mm256_load_si256(reinterpret_cast<const __m256i*>(pb + 16 * j)));
+      const __mmask16 b1 = _mm512_test_epi32_mask(v, _mm512_set1_epi32(1 << 14));
+      const __mmask16 b2 = _mm512_test_epi32_mask(v, _mm512_set1_epi32(1 << 15));
+      __m512 cf = _mm512_add_ps(d0, _mm512_mask_blend_ps(b1, nd1, d1));
+      cf = _mm512_add_ps(cf, _mm512_mask_blend_ps(b2, na2, a2));
+      rb.col[j] = _mm512_maskz_and_epi32(mj, v, _mm512_set1_epi32(0x3FFF));
+      rb.coef[j] = _mm512_maskz_mov_ps(mj, cf);
+    }
+    return;
+  }
   const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
   const __m512i row = _mm512_add_epi32(lane, _mm512_set1_epi32(static_cast<int32_t>(o0)));
   const __m512i row_k = _mm512_mullo_epi32(row, _mm512_set1_epi32(static_cast<int32_t>(e.k)));
@@ -361,9 +406,13 @@ void prefetch_rows(const Problem& p, const Epilogue& e, int64_t o0, int64_t o1) 
   const int64_t n = o1 - o0;
   prefetch_bytes<Hint>(p.signs + o0 * p.words, n * p.words * 4);
   if (p.rings) prefetch_bytes<Hint>(p.rings + o0 * p.nb_words, n * p.nb_words * 4);
-  if (e.idx8) prefetch_bytes<Hint>(e.idx8 + o0 * e.k, n * e.k);
-  if (e.idx16) prefetch_bytes<Hint>(e.idx16 + o0 * e.k, n * e.k * 2);
-  if (e.sign2) prefetch_bytes<Hint>(e.sign2 + o0 * e.s2w, n * e.s2w);
+  if (e.plan) {
+    prefetch_bytes<Hint>(e.plan + o0 * e.k, n * e.k * 2);  // o0 is a multiple of 16
+  } else {
+    if (e.idx8) prefetch_bytes<Hint>(e.idx8 + o0 * e.k, n * e.k);
+    if (e.idx16) prefetch_bytes<Hint>(e.idx16 + o0 * e.k, n * e.k * 2);
+    if (e.sign2) prefetch_bytes<Hint>(e.sign2 + o0 * e.s2w, n * e.s2w);
+  }
   if (e.sal_scales) prefetch_bytes<Hint>(e.sal_scales + 2 * o0, n * 4);
   if (e.row_scales) prefetch_bytes<Hint>(e.scales + o0 * e.n_rings, n * e.n_rings * 2);
   prefetch_bytes<Hint>(e.mean + o0 * e.mcols, n * e.mcols * 2);
@@ -632,7 +681,9 @@ class PackedLayer {
       : t_{signs, rings, scales, mean, salient_idx, salient_scales, salient_sign2, salient_count},
         w_(make_weights(signs, rings, scales, mean, salient_idx, salient_scales, salient_sign2,
                         salient_count, torch::empty({0}, torch::kFloat), in_features, n_rings)),
-        max_rows_(max_rows) {}
+        max_rows_(max_rows) {
+    build_plan();
+  }
 
   // The GEMV kernel's y, or None when x has more than max_rows rows, another dtype or device,
   // or another width (the caller then takes another path).
@@ -669,9 +720,38 @@ class PackedLayer {
 
   int64_t in_features() const { return w_.in_f; }
   int64_t out_features() const { return w_.p.out; }
+  // Bytes this object holds beyond the layer's packed tensors (its salient plan).
+  int64_t extra_bytes() const { return plan_.defined() ? plan_.numel() * 2 : 0; }
 
  private:
+  // The salient entries re-laid out for the GEMV epilogue: per 16-row block and entry j, the 16
+  // rows' columns with their two sign bits (B1 read from the sign words, B2 from sign2) in one
+  // int16 each: a contiguous load replaces three gathers (index, sign word, sign2), which were
+  // half of a decode call at 1% salient. Same size as salient_idx (int16 per entry); only for
+  // inputs below 2^14 columns (wider layers keep the gathers).
+  void build_plan() {
+    const Epilogue& e = w_.e;
+    if (!e.k || w_.in_f > (1 << 14)) return;
+    const int64_t out = w_.p.out, nblocks = (out + kRowBlock - 1) / kRowBlock;
+    plan_ = torch::zeros({nblocks, e.k, kRowBlock}, torch::kShort);
+    auto* dst = reinterpret_cast<uint16_t*>(plan_.data_ptr<int16_t>());
+    for (int64_t o = 0; o < out; ++o) {
+      const int64_t nk = e.count ? e.count[o] : e.k;
+      for (int64_t j = 0; j < nk; ++j) {
+        const int64_t c = e.idx8 ? e.idx8[o * e.k + j] : e.idx16[o * e.k + j];
+        TORCH_CHECK(c >= 0 && c < w_.in_f, "salient index ", c, " of row ", o, " is outside ",
+                    w_.in_f, " columns");
+        const uint32_t b1 = (static_cast<uint32_t>(e.signs[o * e.words + (c >> 5)]) >> (c & 31)) & 1u;
+        const uint32_t b2 = (e.sign2[o * e.s2w + (j >> 3)] >> (j & 7)) & 1u;
+        dst[((o / kRowBlock) * e.k + j) * kRowBlock + o % kRowBlock] =
+            static_cast<uint16_t>(c | (b1 << 14) | (b2 << 15));
+      }
+    }
+    w_.e.plan = dst;
+  }
+
   std::vector<torch::Tensor> t_;  // owns the memory the pointers in w_ point into
+  torch::Tensor plan_;
   Weights w_;
   int64_t max_rows_;
 };
@@ -720,7 +800,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def("__call__", &PackedLayer::forward, py::arg("x"), py::arg("bias") = py::none())
       .def("linear", &PackedLayer::linear, py::arg("x"), py::arg("bias") = py::none())
       .def_property_readonly("in_features", &PackedLayer::in_features)
-      .def_property_readonly("out_features", &PackedLayer::out_features);
+      .def_property_readonly("out_features", &PackedLayer::out_features)
+      .def_property_readonly("extra_bytes", &PackedLayer::extra_bytes);
   m.def("register_layer", &register_layer, "handle of a PackedLayer for bivlm_cpu::packed_linear");
   m.def("release_layer", &release_layer, "drop the registry's reference to a handle's layer");
   m.def("dequantize_cpu", &dequantize_cpu, "Bi-VLM packed layer -> dense weight (AVX512)");

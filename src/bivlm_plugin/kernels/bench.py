@@ -10,6 +10,7 @@ Non-goals: GPU timing (``gpu_check.py``), end-to-end model throughput.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import statistics
 import time
@@ -61,9 +62,13 @@ def run_kernel_bench(
         dtype: activation dtype given to the binary kernel (F.linear always runs bf16).
         repeats, warmup: timed and untimed calls per measurement.
 
+    Kernels with a ``prepare`` (the CPU one) are timed as serving calls them: the layer
+    prepared once, then ``linear(x)`` per call (the GEMV up to ``BIVLM_CPU_MAX_ROWS`` rows,
+    dequantize-then-GEMM beyond).
+
     Returns:
         {"kernel", "threads", "n_rings", "p_sal", "cases": [{"out", "in", "batch",
-        "binary_ms", "bf16_ms", "speedup_vs_bf16"}, ...]}.
+        "binary_ms", "bf16_ms", "speedup_vs_bf16", "path"}, ...]}.
     """
     by_name = {k.name: k for k in available_kernels()}
     if kernel not in by_name:
@@ -73,6 +78,8 @@ def run_kernel_bench(
     for out_f, in_f in shapes:
         codes = random_codes(out_f, in_f, n_rings=n_rings, k=round(p_sal * in_f), seed=0)
         packed, layout = pack(codes), layout_of(codes)
+        prepare = getattr(kern, "prepare", None)
+        prepared = prepare(packed, layout) if prepare is not None else None
         w_bf16 = torch.randn(out_f, in_f).to(torch.bfloat16)
         for batch in batches:
             x = torch.randn(batch, in_f).to(dtype)
@@ -80,9 +87,11 @@ def run_kernel_bench(
             ok, reason = kern.can_implement(x, layout)
             if not ok:
                 raise RuntimeError(f"kernel {kernel!r} cannot run {layout}: {reason}")
-            t_bin = _median_time(
-                lambda x=x, p=packed, lay=layout: kern.run(x, p, lay, None), repeats, warmup
-            )
+            if prepared is not None:  # what serving runs: GEMV up to its row limit, else
+                call = functools.partial(prepared.linear, x)  # dequantize-then-GEMM
+            else:
+                call = functools.partial(kern.run, x, packed, layout, None)
+            t_bin = _median_time(call, repeats, warmup)
             t_ref = _median_time(lambda xb=xb, w=w_bf16: F.linear(xb, w), repeats, warmup)
             cases.append(
                 {
@@ -92,6 +101,7 @@ def run_kernel_bench(
                     "binary_ms": t_bin * 1e3,
                     "bf16_ms": t_ref * 1e3,
                     "speedup_vs_bf16": t_ref / t_bin,
+                    "path": "prepared" if prepared is not None else "op",
                 }
             )
     return {

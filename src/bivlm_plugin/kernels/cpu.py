@@ -30,7 +30,11 @@ logger = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).parent / "csrc" / "binary_gemv_avx512.cpp"
 CFLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512dq", "-mavx512vl", "-fopenmp"]
-CPU_MAX_ROWS = 4
+# Activation rows up to which the GEMV kernel runs; beyond, dequantize-then-GEMM. Measured with
+# `bivlm bench kernel` (prepared layers, one thread, 2026-11-27): at SmolLM2's shapes the GEMV
+# beats dequantize-then-GEMM by 4-8x at 8 rows and still at 32 (0.12-0.32 ms vs 0.29-0.75 ms
+# at 64 rows); they cross near 64 rows.
+CPU_MAX_ROWS = 32
 MAX_RINGS = 4
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -121,8 +125,7 @@ class CpuKernel:
 
     @classmethod
     def worthwhile(cls, x: torch.Tensor, layout: BivlmLayout) -> tuple[bool, str]:
-        """Decline many activation rows: dequantize-then-GEMM wins there (kernels/bench.py
-        measured speedups below 1 from batch 8 on every SmolLM2 shape, 2026-11-27)."""
+        """Decline many activation rows: dequantize-then-GEMM wins there (see CPU_MAX_ROWS)."""
         rows = x.numel() // max(1, layout.in_features)
         limit = int(os.environ.get("BIVLM_CPU_MAX_ROWS", CPU_MAX_ROWS))
         if rows > limit:

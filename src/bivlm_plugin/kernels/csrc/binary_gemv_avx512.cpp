@@ -15,7 +15,12 @@
 // the ring-equality masks, computed in registers. Signs are read in the stored layout (bit j of
 // word w is column 32 w + j): nothing is repacked.
 // A salient weight (ring stored as 0) is corrected by x_c * ((mu_s - mu_0) + (a1 - alpha_0) B1
-// + a2 B2).
+// + a2 B2), 16 rows per vector. A PackedLayer (prepared once per layer) re-lays out its salient
+// entries once (build_plan: one int16 each); one-shot calls gather them from the stored tensors.
+//
+// Entry points: binary_linear_cpu (one-shot), PackedLayer (prepared; Python calls it directly),
+// bivlm_cpu::packed_linear (a torch op on a registered PackedLayer, for compiled graphs), and
+// dequantize_cpu (the prefill path's dense weight).
 #include <torch/extension.h>
 #include <torch/library.h>
 #include <ATen/Parallel.h>

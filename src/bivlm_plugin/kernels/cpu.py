@@ -40,18 +40,16 @@ DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 _LOCK = threading.Lock()
 _STATE: dict[str, object] = {}
-_OUT_FEATURES: dict[int, int] = {}  # handle -> out_features, for the op's fake implementation
 
 
-def _register_fake() -> None:
+def _register_fake(module) -> None:
     """Shape rule of ``bivlm_cpu::packed_linear`` (defined by the extension) for FakeTensor
-    tracing (torch.compile, vLLM's compiled graphs)."""
+    tracing (torch.compile, vLLM's compiled graphs): the registered layer's out_features (an
+    unknown handle raises, naming it)."""
 
     @torch.library.register_fake("bivlm_cpu::packed_linear")
     def _(x, handle, bias=None):
-        if handle not in _OUT_FEATURES:
-            raise ValueError(f"bivlm_cpu::packed_linear: no registered layer with handle {handle}")
-        return x.new_empty((*x.shape[:-1], _OUT_FEATURES[handle]))
+        return x.new_empty((*x.shape[:-1], module.layer_out_features(handle)))
 
 
 def build_dir() -> Path:
@@ -94,7 +92,7 @@ def load_extension():
                 build_directory=str(folder),
                 verbose=False,
             )
-            _register_fake()
+            _register_fake(_STATE["module"])
         except Exception as exc:  # a compiler failure must not take the model down
             _STATE["error"] = f"building the AVX512 kernel failed: {type(exc).__name__}: {exc}"
             logger.warning("%s; falling back to the reference kernel", _STATE["error"])
@@ -173,13 +171,10 @@ class CpuKernel:
     def register(layer) -> int:
         """A handle for ``torch.ops.bivlm_cpu.packed_linear(x, handle, bias)`` (the prepared
         layer stays alive until ``release(handle)``)."""
-        handle = load_extension().register_layer(layer)
-        _OUT_FEATURES[handle] = layer.out_features
-        return handle
+        return load_extension().register_layer(layer)
 
     @staticmethod
     def release(handle: int) -> None:
-        _OUT_FEATURES.pop(handle, None)
         mod = _STATE.get("module")
         if mod is not None:
             mod.release_layer(handle)

@@ -45,6 +45,11 @@ inline __m256i to_bf16(__m512 v) {
   return _mm512_cvtepi32_epi16(h);  // NaN stays a (quiet) NaN
 }
 
+// Lanes [0, n) of 16 (all of them for n >= 16).
+inline __mmask16 tail_mask(int64_t n) {
+  return n >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << n) - 1);
+}
+
 constexpr int kRowBlock = 16;  // output rows per vector (one lane each)
 constexpr int64_t kAhead = 6;   // row blocks prefetched ahead
 
@@ -130,7 +135,7 @@ inline void load_transposed(const int32_t* plane, int64_t stride, int64_t o0, in
     for (int w = 0; w < nw; ++w) dst[w] = _mm512_permutexvar_epi32(perm, u[w]);
     return;
   }
-  const __mmask16 m = nw >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << nw) - 1);
+  const __mmask16 m = tail_mask(nw);
   for (int r = 0; r < 16; ++r)
     dst[r] = o0 + r < out ? _mm512_maskz_loadu_epi32(m, plane + (o0 + r) * stride + w0)
                           : _mm512_setzero_si512();
@@ -227,8 +232,7 @@ struct RowBlock {
 
 template <int N>
 void row_block(const Problem& p, const Epilogue& e, int64_t o0, RowBlock<N>& rb) {
-  const int64_t nrows = std::min<int64_t>(16, p.out - o0);
-  const __mmask16 m = nrows >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << nrows) - 1);
+  const __mmask16 m = tail_mask(p.out - o0);
   rb.rows = m;
   const int64_t out = p.out;
   __m512 a0 = _mm512_setzero_ps(), mean0 = _mm512_setzero_ps();
@@ -527,17 +531,18 @@ torch::Tensor launch(const Weights& w, const torch::Tensor& x_in) {
   float* xf = xbuf.data();
   float* xsum = xf + batch * ldx;
   const auto dt = x.scalar_type();
+  const float* x32 = dt == at::kFloat ? x.data_ptr<float>() : nullptr;
+  const auto* x16 = static_cast<const uint16_t*>(x.data_ptr());  // bf16 / fp16 bits
   for (int64_t b = 0; b < batch; ++b) {
     float* dst = xf + b * ldx;
     __m512 acc = _mm512_setzero_ps();
     for (int64_t i = 0; i < in_f; i += 16) {
-      const int64_t left = in_f - i;
-      const __mmask16 m = left >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << left) - 1);
+      const __mmask16 m = tail_mask(in_f - i);
       __m512 v;
-      if (dt == at::kFloat) {
-        v = _mm512_maskz_loadu_ps(m, x.data_ptr<float>() + b * in_f + i);
+      if (x32) {
+        v = _mm512_maskz_loadu_ps(m, x32 + b * in_f + i);
       } else {
-        const __m256i h = _mm256_maskz_loadu_epi16(m, static_cast<const uint16_t*>(x.data_ptr()) + b * in_f + i);
+        const __m256i h = _mm256_maskz_loadu_epi16(m, x16 + b * in_f + i);
         v = dt == at::kHalf ? _mm512_cvtph_ps(h)
                             : _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
       }
@@ -574,8 +579,7 @@ torch::Tensor launch(const Weights& w, const torch::Tensor& x_in) {
     auto* dst = static_cast<uint16_t*>(y.data_ptr());
     const int64_t n = batch * out_f;
     for (int64_t i = 0; i < n; i += 16) {
-      const int64_t left = n - i;
-      const __mmask16 m = left >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << left) - 1);
+      const __mmask16 m = tail_mask(n - i);
       const __m512 v = _mm512_maskz_loadu_ps(m, yf + i);
       const __m256i h = dt == at::kHalf ? _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)
                                         : to_bf16(v);
@@ -644,8 +648,7 @@ torch::Tensor dequantize_cpu(
             v = _mm512_mask_blend_ps(_cvtu32_mask16(mq), v, _mm512_mask_blend_ps(s, lo[q], hi[q]));
           }
         }
-        const int64_t left = in_f - c0;
-        const __mmask16 keep = left >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << left) - 1);
+        const __mmask16 keep = tail_mask(in_f - c0);
         if (bf16) {
           _mm256_mask_storeu_epi16(w.data_ptr<at::BFloat16>() + o * in_f + c0, keep, to_bf16(v));
         } else {
@@ -786,6 +789,8 @@ void release_layer(int64_t handle) {
   if (handle >= 0 && handle < static_cast<int64_t>(g_layers.size())) g_layers[handle].reset();
 }
 
+int64_t layer_out_features(int64_t handle) { return layer_at(handle)->out_features(); }
+
 torch::Tensor packed_linear(const torch::Tensor& x, int64_t handle,
                             const std::optional<torch::Tensor>& bias) {
   return layer_at(handle)->linear(x, bias);
@@ -809,5 +814,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def_property_readonly("extra_bytes", &PackedLayer::extra_bytes);
   m.def("register_layer", &register_layer, "handle of a PackedLayer for bivlm_cpu::packed_linear");
   m.def("release_layer", &release_layer, "drop the registry's reference to a handle's layer");
+  m.def("layer_out_features", &layer_out_features, "out_features of a handle's layer");
   m.def("dequantize_cpu", &dequantize_cpu, "Bi-VLM packed layer -> dense weight (AVX512)");
 }

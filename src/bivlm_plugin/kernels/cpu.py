@@ -31,9 +31,9 @@ logger = logging.getLogger(__name__)
 SOURCE = Path(__file__).parent / "csrc" / "binary_gemv_avx512.cpp"
 CFLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512dq", "-mavx512vl", "-fopenmp"]
 # Activation rows up to which the GEMV kernel runs; beyond, dequantize-then-GEMM. Measured with
-# `bivlm bench kernel` (prepared layers, one thread, 2026-11-27): at SmolLM2's shapes the GEMV
-# beats dequantize-then-GEMM by 4-8x at 8 rows and still at 32 (0.12-0.32 ms vs 0.29-0.75 ms
-# at 64 rows); they cross near 64 rows.
+# `bivlm bench kernel --batches 8,32` under BIVLM_CPU_MAX_ROWS=4 and =64 (the two paths, one
+# thread, SmolLM2's shapes, 2026-11-27): the GEMV takes 0.03-0.07 ms vs 0.24-0.60 ms at 8 rows
+# and 0.13-0.33 ms vs 0.26-0.70 ms at 32; `--batches 64,128` puts the crossover near 64 rows.
 CPU_MAX_ROWS = 32
 MAX_RINGS = 4
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)

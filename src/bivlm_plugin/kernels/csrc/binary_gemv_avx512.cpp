@@ -451,7 +451,8 @@ void run(const Problem& p, const Epilogue& e, int64_t batch) {
     rb.coef = coefv.data();
     // Row blocks outermost so a block's words stay in L1 across the whole batch. A decode step
     // streams every layer's bytes from DRAM once: blocks are prefetched kAhead blocks ahead
-    // (SmolLM2 served by vLLM, decode tok/s at kAhead 2 / 6 / 12: 71 / 75 / 73).
+    // (SmolLM2 served by vLLM, eager, mean decode tok/s of two runs at kAhead 2 / 6 / 12:
+    // 71 / 75 / 73; docs/RESULTS.md).
     prefetch_rows<_MM_HINT_T0>(p, e, begin * kRowBlock, std::min((begin + kAhead) * kRowBlock, p.out));
     for (int64_t blk = begin; blk < end; ++blk) {
       const int64_t ob = blk * kRowBlock;

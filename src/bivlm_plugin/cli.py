@@ -3,6 +3,7 @@
     bivlm zoo list
     bivlm zoo build smollm2-135m
     bivlm eval ppl --model DIR [--json FILE] [--data DIR]
+    bivlm eval vqa --model DIR [--limit N] [--json FILE]
     bivlm quantize --model DIR --recipe FILE --output DIR [--fake-quant]
     bivlm bench kernel --json FILE
     bivlm bench serve --model DIR --json FILE [--bf16 DIR] [--w4a16 DIR]
@@ -56,9 +57,16 @@ def _cmd_eval_ppl(args: argparse.Namespace) -> int:
             "printed by "
             "`bivlm zoo build` or written by `bivlm quantize`"
         )
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    import bivlm_plugin  # noqa: F401  (registers the packed-checkpoint quantizer)
+
     tok = AutoTokenizer.from_pretrained(model_dir)
     windows = p1_windows(tok, "eval", data=args.data)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    # A VLM's P1 is its language model's: text-only forward through the whole model class.
+    is_vlm = getattr(AutoConfig.from_pretrained(model_dir), "vision_config", None) is not None
+    auto = AutoModelForImageTextToText if is_vlm else AutoModelForCausalLM
+    model = auto.from_pretrained(model_dir, dtype=torch.float32)
     model.eval()
     result = perplexity(model, windows, batch_size=args.batch_size)
     print(
@@ -69,6 +77,42 @@ def _cmd_eval_ppl(args: argparse.Namespace) -> int:
         payload = {
             "model": str(model_dir.resolve()),
             "protocol": P1.name,
+            **result.to_dict(),
+            "environment": environment_info(),
+        }
+        report = model_dir / "bivlm_report.json"
+        if report.is_file():
+            payload["quantization"] = json.loads(report.read_text())
+        atomic_write_text(Path(args.json), json.dumps(payload, indent=2) + "\n")
+    return 0
+
+
+def _cmd_eval_vqa(args: argparse.Namespace) -> int:
+    import torch
+
+    from bivlm_plugin.eval.vqa import P2, evaluate_vqa, load_vlm, p2_items
+
+    dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}[args.dtype]
+    items = p2_items(args.limit)  # validates --limit before the model loads
+    model, processor = load_vlm(args.model, dtype=dtype)
+    result = evaluate_vqa(model, processor, items, batch_size=args.batch_size)
+    by_kind = ", ".join(f"{k} {v:.4f}" for k, v in result.accuracy_by_kind.items())
+    print(
+        f"{P2.name} accuracy {result.accuracy:.4f} ({result.n_correct}/{result.n_questions} "
+        f"questions; {by_kind}) in {result.seconds:.1f} s"
+    )
+    if args.json:
+        model_dir = Path(args.model)
+        payload = {
+            "model": str(model_dir.resolve()),
+            "protocol": P2.name,
+            "protocol_detail": (
+                f"easy-VQA {P2.split}, first {result.n_questions} questions in file order, "
+                "greedy, exact match after lowercasing and stripping punctuation"
+            ),
+            "limit": args.limit,
+            "dtype": args.dtype,
+            "prune_ratio": 0.0,
             **result.to_dict(),
             "environment": environment_info(),
         }
@@ -188,6 +232,28 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--batch-size", type=int, default=4)
     p.set_defaults(func=_cmd_eval_ppl)
+
+    p = ev.add_parser(
+        "vqa",
+        help="protocol P2: easy-VQA test accuracy (first 2,000 questions, greedy, exact match)",
+        description="Protocol P2 through transformers generate, dense or packed checkpoints. "
+        "Example: bivlm eval vqa --model $(bivlm zoo build easyvqa-vlm) --json p2.json",
+    )
+    p.add_argument("--model", required=True, help="VLM folder (zoo build or bivlm quantize)")
+    p.add_argument(
+        "--limit",
+        type=int,
+        help="score only the first N of the 2,000 questions (quick looks; not a P2 figure)",
+    )
+    p.add_argument("--json", help="write accuracy, counts, predictions and the quant report here")
+    p.add_argument("--batch-size", type=int, default=16, help="prompts per generate call")
+    p.add_argument(
+        "--dtype",
+        default="bfloat16",
+        choices=["bfloat16", "float32"],
+        help="compute dtype of the dense parts (default bfloat16, as served)",
+    )
+    p.set_defaults(func=_cmd_eval_vqa)
 
     p = sub.add_parser("quantize", help="llm-compressor oneshot with a recipe, P1 calibration")
     p.add_argument("--model", required=True, help="model folder")

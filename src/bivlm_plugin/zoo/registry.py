@@ -94,7 +94,9 @@ def build(name: str, force: bool = False) -> Path:
 
 
 def _load_builtin() -> None:
+    from bivlm_plugin.zoo.easyvqa_vlm import ENTRY as EASYVQA_VLM
+    from bivlm_plugin.zoo.easyvqa_vlm import TINY_ENTRY as EASYVQA_VLM_TINY
     from bivlm_plugin.zoo.smollm2 import ENTRY as SMOLLM2
 
-    for entry in (SMOLLM2,):
+    for entry in (SMOLLM2, EASYVQA_VLM, EASYVQA_VLM_TINY):
         _ZOO.setdefault(entry.name, entry)

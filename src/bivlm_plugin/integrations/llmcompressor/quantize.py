@@ -31,7 +31,14 @@ from bivlm_plugin.integrations.llmcompressor.packed import detach_packed, packed
 from bivlm_plugin.integrations.llmcompressor.recipe import load_recipe, recipe_modifiers
 from bivlm_plugin.utils import atomic_directory, environment_info
 
-__all__ = ["apply_overrides", "parse_override", "quantize_model", "quantize_text_model"]
+__all__ = [
+    "apply_overrides",
+    "collate_one",
+    "easy_vqa_calibration",
+    "parse_override",
+    "quantize_model",
+    "quantize_text_model",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -169,10 +176,7 @@ VLM_CALIBRATION_SAMPLES = 128
 
 
 def _vlm_calibration(model_dir: Path, data, n: int | None) -> _Calibration:
-    from datasets import Dataset
     from transformers import AutoModelForImageTextToText, AutoProcessor
-
-    from bivlm_plugin.eval.vqa_data import easy_vqa_items
 
     if data is not None:
         raise ValueError("--data is for text models (WikiText-2); VLMs calibrate on easy-VQA")
@@ -182,9 +186,42 @@ def _vlm_calibration(model_dir: Path, data, n: int | None) -> _Calibration:
             f"the processor in {model_dir} has no chat template; VLM calibration formats each "
             "image-question-answer triple with it. Save the processor with a chat_template."
         )
-    items = easy_vqa_items("train", _check_count(n, VLM_CALIBRATION_SAMPLES))
+    dataset, longest = easy_vqa_calibration(processor, _check_count(n, VLM_CALIBRATION_SAMPLES))
+    model = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=torch.bfloat16)
+    info = {
+        "data": "easy-VQA train, one triple per image (easy_vqa_calibration)",
+        "samples": len(dataset),
+    }
+    return _Calibration(model, processor, dataset, collate_one, len(dataset), longest, info)
+
+
+def easy_vqa_calibration(processor, n: int = VLM_CALIBRATION_SAMPLES):
+    """``n`` easy-VQA **train** image-question-answer triples, for ``oneshot``.
+
+    One triple per image, for the first ``n`` train images in file order: image ``i`` with its
+    question ``i mod (its question count)`` (so the vision tower sees ``n`` different images and
+    every question form appears). Each triple is formatted with the processor's chat template
+    (user: image + question; assistant: answer) and encoded by the processor, exactly as the
+    model will see it.
+
+    Returns:
+        (dataset, max_seq_length): an HF ``Dataset`` of one encoded sample per row; pass it to
+        ``oneshot(dataset=..., data_collator=collate_one, num_calibration_samples=n,
+        max_seq_length=...)``.
+    """
+    from datasets import Dataset
+    from tqdm.auto import tqdm
+
+    from bivlm_plugin.eval.vqa_data import easy_vqa_items
+
+    by_image: dict = {}
+    for item in easy_vqa_items("train"):
+        by_image.setdefault(item.image_path, []).append(item)
+    if not 0 < n <= len(by_image):
+        raise ValueError(f"n must be in 1..{len(by_image)} (easy-VQA train images), got {n}")
+    picked = [qs[i % len(qs)] for i, qs in enumerate(list(by_image.values())[:n])]
     rows = []
-    for item in items:
+    for item in tqdm(picked, desc="easy-VQA calibration", unit="sample"):
         messages = [
             {
                 "role": "user",
@@ -196,14 +233,10 @@ def _vlm_calibration(model_dir: Path, data, n: int | None) -> _Calibration:
         enc = processor(text=text, images=[item.image()], return_tensors="pt")
         rows.append({k: v.tolist() for k, v in enc.items()})
     longest = max(len(r["input_ids"][0]) for r in rows)
-    model = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=torch.bfloat16)
-    info = {"data": "easy-VQA train (first triples, file order)", "samples": len(rows)}
-    return _Calibration(
-        model, processor, Dataset.from_list(rows), _collate_one, len(rows), longest, info
-    )
+    return Dataset.from_list(rows), longest
 
 
-def _collate_one(batch: list[dict]) -> dict[str, torch.Tensor]:
+def collate_one(batch: list[dict]) -> dict[str, torch.Tensor]:
     """Batch size 1: samples are stored exactly as the processor returned them."""
     if len(batch) != 1:
         raise ValueError(f"VLM calibration runs with batch size 1, got {len(batch)}")

@@ -69,3 +69,27 @@ def post_json(url: str, payload: dict, timeout_s: float = 300) -> dict:
     )
     with urllib.request.urlopen(req, timeout=timeout_s) as resp:
         return json.loads(resp.read())
+
+
+def image_chat_body(model: str, png: bytes, question: str, max_tokens: int) -> dict:
+    """An OpenAI chat request: one inline PNG (data URL) and a question; greedy, exactly
+    ``max_tokens`` tokens (``ignore_eos``), token ids returned."""
+    import base64
+
+    url = "data:image/png;base64," + base64.b64encode(png).decode()
+    return {
+        "model": model,
+        "messages": [
+            {
+                "role": "user",
+                "content": [
+                    {"type": "image_url", "image_url": {"url": url}},
+                    {"type": "text", "text": question},
+                ],
+            }
+        ],
+        "max_tokens": max_tokens,
+        "temperature": 0.0,
+        "ignore_eos": True,
+        "return_token_ids": True,
+    }

@@ -43,6 +43,15 @@ def _cmd_zoo_build(args: argparse.Namespace) -> int:
     return 0
 
 
+def _write_eval_json(path: Path, model_dir: Path, payload: dict) -> None:
+    """An evaluation's JSON, with the environment and the folder's quantization report."""
+    payload = {**payload, "environment": environment_info()}
+    report = model_dir / "bivlm_report.json"
+    if report.is_file():
+        payload["quantization"] = json.loads(report.read_text())
+    atomic_write_text(path, json.dumps(payload, indent=2) + "\n")
+
+
 def _cmd_eval_ppl(args: argparse.Namespace) -> int:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -78,12 +87,8 @@ def _cmd_eval_ppl(args: argparse.Namespace) -> int:
             "model": str(model_dir.resolve()),
             "protocol": P1.name,
             **result.to_dict(),
-            "environment": environment_info(),
         }
-        report = model_dir / "bivlm_report.json"
-        if report.is_file():
-            payload["quantization"] = json.loads(report.read_text())
-        atomic_write_text(Path(args.json), json.dumps(payload, indent=2) + "\n")
+        _write_eval_json(Path(args.json), model_dir, payload)
     return 0
 
 
@@ -114,12 +119,8 @@ def _cmd_eval_vqa(args: argparse.Namespace) -> int:
             "dtype": args.dtype,
             "prune_ratio": 0.0,
             **result.to_dict(),
-            "environment": environment_info(),
         }
-        report = model_dir / "bivlm_report.json"
-        if report.is_file():
-            payload["quantization"] = json.loads(report.read_text())
-        atomic_write_text(Path(args.json), json.dumps(payload, indent=2) + "\n")
+        _write_eval_json(Path(args.json), model_dir, payload)
     return 0
 
 

@@ -10,7 +10,6 @@ tokens transformers gives.
 
 from __future__ import annotations
 
-import base64
 import json
 from pathlib import Path
 
@@ -169,26 +168,10 @@ def _vllm_offline(folder: Path, req: dict, tmp_path: Path) -> dict:
 
 
 def _served_chat(folder: Path, req: dict, tmp_path: Path) -> dict:
-    from vllm_serve_helpers import post_json, vllm_serve
+    from vllm_serve_helpers import image_chat_body, post_json, vllm_serve
 
-    png = base64.b64encode(Path(req["image"]).read_bytes()).decode()
     with vllm_serve(folder, tmp_path / "serve.log") as (url, name):
-        body = {
-            "model": name,
-            "messages": [
-                {
-                    "role": "user",
-                    "content": [
-                        {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{png}"}},
-                        {"type": "text", "text": req["question"]},
-                    ],
-                }
-            ],
-            "max_tokens": MAX_TOKENS,
-            "temperature": 0.0,
-            "ignore_eos": True,
-            "return_token_ids": True,
-        }
+        body = image_chat_body(name, Path(req["image"]).read_bytes(), req["question"], MAX_TOKENS)
         return post_json(f"{url}/v1/chat/completions", body)
 
 

@@ -6,7 +6,6 @@ greedy tokens on an easy-VQA image and question agree everywhere.
 
 from __future__ import annotations
 
-import base64
 import json
 import os
 import subprocess
@@ -135,27 +134,13 @@ def test_vlm_vllm_serve_answers_an_image_request(
 ) -> None:
     """`vllm serve DIR` answers an OpenAI chat request with an inline (data URL) image; the
     prompt ids it built and its greedy ids equal transformers' on the same checkpoint."""
-    from vllm_serve_helpers import post_json, vllm_serve
+    from vllm_serve_helpers import image_chat_body, post_json, vllm_serve
 
     prompt_ids, want = _transformers_greedy(vlm_packed, vqa_request)
     with vllm_serve(vlm_packed, tmp_path / "serve.log") as (url, name):
-        png = base64.b64encode(Path(vqa_request["image"]).read_bytes()).decode()
-        body = {
-            "model": name,
-            "messages": [
-                {
-                    "role": "user",
-                    "content": [
-                        {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{png}"}},
-                        {"type": "text", "text": vqa_request["question"]},
-                    ],
-                }
-            ],
-            "max_tokens": MAX_TOKENS,
-            "temperature": 0.0,
-            "ignore_eos": True,
-            "return_token_ids": True,
-        }
+        body = image_chat_body(
+            name, Path(vqa_request["image"]).read_bytes(), vqa_request["question"], MAX_TOKENS
+        )
         res = post_json(f"{url}/v1/chat/completions", body)
     assert res["prompt_token_ids"] == prompt_ids  # same chat rendering and image expansion
     assert res["choices"][0]["token_ids"] == want

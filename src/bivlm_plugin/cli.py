@@ -95,16 +95,33 @@ def _cmd_eval_ppl(args: argparse.Namespace) -> int:
 def _cmd_eval_vqa(args: argparse.Namespace) -> int:
     import torch
 
-    from bivlm_plugin.eval.vqa import P2, evaluate_vqa, load_vlm, p2_items
+    from bivlm_plugin.eval.vqa import P2, evaluate_vqa, load_vlm, p2_items, plain_generate
 
     dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}[args.dtype]
+    from bivlm_plugin.pruning.scores import SCORES, keep_count
+
     items = p2_items(args.limit)  # validates --limit before the model loads
+    keep_count(1, args.prune_ratio)  # validates the ratio (message names the range)
+    if args.prune_score not in SCORES:
+        raise ValueError(f"--prune-score {args.prune_score!r}: choose one of {sorted(SCORES)}")
     model, processor = load_vlm(args.model, dtype=dtype)
-    result = evaluate_vqa(model, processor, items, batch_size=args.batch_size)
+    generate = plain_generate
+    if args.prune_ratio > 0:
+        from bivlm_plugin.integrations.transformers.pruning import generate_with_pruning
+
+        def generate(model, batch, **kwargs):
+            return generate_with_pruning(model, batch, args.prune_ratio, args.prune_score, **kwargs)
+
+    result = evaluate_vqa(model, processor, items, batch_size=args.batch_size, generate=generate)
     by_kind = ", ".join(f"{k} {v:.4f}" for k, v in result.accuracy_by_kind.items())
     print(
         f"{P2.name} accuracy {result.accuracy:.4f} ({result.n_correct}/{result.n_questions} "
         f"questions; {by_kind}) in {result.seconds:.1f} s"
+        + (
+            f"; image tokens pruned {args.prune_ratio} by {args.prune_score}"
+            if args.prune_ratio
+            else ""
+        )
     )
     if args.json:
         model_dir = Path(args.model)
@@ -117,7 +134,8 @@ def _cmd_eval_vqa(args: argparse.Namespace) -> int:
             ),
             "limit": args.limit,
             "dtype": args.dtype,
-            "prune_ratio": 0.0,
+            "prune_ratio": args.prune_ratio,
+            "prune_score": args.prune_score if args.prune_ratio else None,
             **result.to_dict(),
         }
         _write_eval_json(Path(args.json), model_dir, payload)
@@ -253,6 +271,19 @@ def build_parser() -> argparse.ArgumentParser:
         default="bfloat16",
         choices=["bfloat16", "float32"],
         help="compute dtype of the dense parts (default bfloat16, as served)",
+    )
+    p.add_argument(
+        "--prune-ratio",
+        type=float,
+        default=0.0,
+        help="share of each image's tokens to prune before the language model, in [0, 1) "
+        "(e.g. 0.9 keeps 10%%); default 0: no pruning",
+    )
+    p.add_argument(
+        "--prune-score",
+        default="cls_attention",
+        help="token importance: cls_attention (default), mean_attention, feature_norm "
+        "(text-agnostic) or text_attention (FastV-style, layer 2 of the language model)",
     )
     p.set_defaults(func=_cmd_eval_vqa)
 

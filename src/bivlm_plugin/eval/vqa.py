@@ -17,6 +17,7 @@ import logging
 import string
 import time
 from collections import Counter, defaultdict
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -24,7 +25,15 @@ import torch
 
 from bivlm_plugin.eval.vqa_data import VqaItem, easy_vqa_items
 
-__all__ = ["P2", "VqaProtocol", "VqaResult", "normalize_answer", "p2_items", "evaluate_vqa"]
+__all__ = [
+    "P2",
+    "VqaProtocol",
+    "VqaResult",
+    "normalize_answer",
+    "p2_items",
+    "evaluate_vqa",
+    "plain_generate",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -98,6 +107,11 @@ def _encode(processor, items: list[VqaItem]) -> list[dict[str, torch.Tensor]]:
     return encoded
 
 
+def plain_generate(model, batch: dict[str, torch.Tensor], **kwargs) -> torch.Tensor:
+    """``model.generate`` returning the new tokens only: (B, new) int64."""
+    return model.generate(**batch, **kwargs)[:, batch["input_ids"].shape[1] :]
+
+
 @torch.inference_mode()
 def evaluate_vqa(
     model,
@@ -105,6 +119,7 @@ def evaluate_vqa(
     items: list[VqaItem],
     batch_size: int = 16,
     protocol: VqaProtocol = P2,
+    generate: Callable[..., torch.Tensor] = plain_generate,
 ) -> VqaResult:
     """Greedy answers to ``items`` and their exact-match accuracy.
 
@@ -113,6 +128,9 @@ def evaluate_vqa(
         processor: its processor (chat template, image processor, tokenizer).
         items: the questions, e.g. ``p2_items()``.
         batch_size: prompts per ``generate`` call (prompts of equal token length only).
+        generate: ``(model, batch, **generate_kwargs) -> (B, new) ids``; e.g. visual-token
+            pruning (``integrations.transformers.pruning.generate_with_pruning`` with the
+            ratio and score bound).
     """
     from tqdm.auto import tqdm
 

@@ -22,7 +22,9 @@ def _free_port() -> int:
 
 
 @contextlib.contextmanager
-def vllm_serve(folder: Path, log_path: Path, timeout_s: float = 600) -> Iterator[tuple[str, str]]:
+def vllm_serve(
+    folder: Path, log_path: Path, timeout_s: float = 600, extra_args: tuple[str, ...] = ()
+) -> Iterator[tuple[str, str]]:
     """Run our `vllm` launcher on ``folder`` (fp32, eager, 256 tokens, no --quantization flag).
 
     Yields (base URL, served model name); the server is terminated on exit.
@@ -30,7 +32,7 @@ def vllm_serve(folder: Path, log_path: Path, timeout_s: float = 600) -> Iterator
     port = _free_port()
     cmd = [str(Path(sys.executable).parent / "vllm"), "serve", str(folder)]
     cmd += ["--host", "127.0.0.1", "--port", str(port), "--dtype", "float32", "--enforce-eager"]
-    cmd += ["--max-model-len", "256"]
+    cmd += ["--max-model-len", "256", *extra_args]
     with log_path.open("w") as log:
         proc = subprocess.Popen(
             cmd,

@@ -163,6 +163,8 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
         overrides=dict(parse_override(t) for t in args.set),
         fake_quant=args.fake_quant,
+        prune_ratio=args.prune_ratio,
+        prune_score=args.prune_score,
     )
     print(
         f"{report['method']}: {report['n_layers']} layers, {report['weight_bits']:.3f} weight "
@@ -310,6 +312,19 @@ def build_parser() -> argparse.ArgumentParser:
         default=[],
         metavar="KEY=VALUE",
         help="override a modifier field of the recipe (repeatable), e.g. n_rings=2",
+    )
+    p.add_argument(
+        "--prune-ratio",
+        type=float,
+        default=0.0,
+        help="VLMs: visual-token pruning the checkpoint asks vLLM for (bivlm_pruning in "
+        "config.json; overridable with vllm serve --hf-overrides), in [0, 1); e.g. 0.9",
+    )
+    p.add_argument(
+        "--prune-score",
+        default="feature_norm",
+        help="text-agnostic score for --prune-ratio: feature_norm (default), cls_attention, "
+        "mean_attention",
     )
     p.set_defaults(func=_cmd_quantize)
 

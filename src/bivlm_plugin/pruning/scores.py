@@ -24,7 +24,10 @@ from dataclasses import dataclass
 import torch
 
 __all__ = [
+    "CONFIG_KEY",
     "SCORES",
+    "SERVING_FAMILIES",
+    "SERVING_SCORES",
     "Score",
     "cls_attention_scores",
     "feature_norm_scores",
@@ -169,3 +172,9 @@ SCORES: dict[str, Score] = {
         Score("feature_norm", feature_norm_scores, True, "image_features"),
     )
 }
+
+# The checkpoint / config entry that turns pruning on when serving, and the scores a server can
+# use (text-agnostic: an image's tokens must not depend on the prompt beside it).
+CONFIG_KEY = "bivlm_pruning"
+SERVING_SCORES = ("feature_norm", "cls_attention", "mean_attention")
+SERVING_FAMILIES = ("llava",)  # model_type values the vLLM hook prunes

@@ -29,6 +29,7 @@ from bivlm_plugin.format.serving_keys import rewrite_checkpoint_keys
 from bivlm_plugin.integrations.llmcompressor.modifier import BiVLMModifier
 from bivlm_plugin.integrations.llmcompressor.packed import detach_packed, packed_modules
 from bivlm_plugin.integrations.llmcompressor.recipe import load_recipe, recipe_modifiers
+from bivlm_plugin.pruning.scores import CONFIG_KEY, SERVING_FAMILIES, SERVING_SCORES, keep_count
 from bivlm_plugin.utils import atomic_directory, environment_info
 
 __all__ = [
@@ -72,6 +73,8 @@ def quantize_model(
     overwrite: bool = False,
     overrides: dict[str, Any] | None = None,
     fake_quant: bool = False,
+    prune_ratio: float = 0.0,
+    prune_score: str = "feature_norm",
 ) -> dict[str, Any]:
     """Quantize a model folder with a recipe and save it (atomically) with a bit report.
 
@@ -83,6 +86,9 @@ def quantize_model(
         overrides: field values set on every modifier of the recipe (``--set key=value``), e.g.
             for ablations; a field the modifier does not have fails at construction.
         fake_quant: save dequantized bf16 weights instead of the packed format.
+        prune_ratio, prune_score: visual-token pruning the checkpoint asks servers for
+            (``bivlm_pruning`` in ``config.json``; vLLM applies it, a user can override it);
+            0 writes nothing.
 
     Returns:
         The report written to ``output/bivlm_report.json``.
@@ -96,8 +102,15 @@ def quantize_model(
         raise FileExistsError(f"--output {output} exists; pass --overwrite or choose a new folder")
     if not (model_dir / "config.json").is_file():
         raise FileNotFoundError(f"--model {model_dir} is not a model folder (no config.json)")
+    pruning = _pruning_entry(prune_ratio, prune_score)
     parsed = apply_overrides(load_recipe(recipe), overrides or {})
-    is_vlm = getattr(AutoConfig.from_pretrained(model_dir), "vision_config", None) is not None
+    config = AutoConfig.from_pretrained(model_dir)
+    is_vlm = getattr(config, "vision_config", None) is not None
+    if pruning and config.model_type not in SERVING_FAMILIES:
+        raise ValueError(
+            f"--prune-ratio: visual-token pruning is served for {list(SERVING_FAMILIES)}, not "
+            f"model_type {config.model_type!r}; drop --prune-ratio"
+        )
     calib = (_vlm_calibration if is_vlm else _text_calibration)(
         model_dir, data, num_calibration_samples
     )
@@ -140,8 +153,20 @@ def quantize_model(
     }
     in_features = {n: calib.model.get_submodule(n).in_features for n in packed}
     compressed = bool(in_features) or (not ours and not fake_quant)
-    _save_atomically(calib.model, calib.processor, report, output, in_features, compressed)
+    if pruning:
+        report[CONFIG_KEY] = pruning
+    _save_atomically(calib.model, calib.processor, report, output, in_features, compressed, pruning)
     return report
+
+
+def _pruning_entry(ratio: float, score: str) -> dict[str, Any] | None:
+    keep_count(1, ratio)  # raises on a ratio outside [0, 1), naming it
+    if score not in SERVING_SCORES:
+        raise ValueError(
+            f"--prune-score {score!r} cannot be served; use one of {list(SERVING_SCORES)} "
+            "(text-agnostic scores)"
+        )
+    return {"ratio": float(ratio), "score": score} if ratio > 0 else None
 
 
 quantize_text_model = quantize_model  # the name of the text-only first version
@@ -325,10 +350,15 @@ def _save_atomically(
     output: Path,
     in_features: dict[str, int] | None = None,
     compressed: bool = False,
+    pruning: dict[str, Any] | None = None,
 ) -> None:
     """Save into a temporary sibling; with packed layers, add bits measured on the files."""
     with atomic_directory(output) as tmp:
         model.save_pretrained(tmp, save_compressed=compressed)
+        if pruning:
+            config = json.loads((tmp / "config.json").read_text())
+            config[CONFIG_KEY] = pruning
+            (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         tok.save_pretrained(tmp)
         if rewrite_checkpoint_keys(tmp):  # e.g. LLaVA: the key layout vLLM reads
             report["checkpoint_keys"] = "published layout (format/serving_keys.py)"

@@ -20,11 +20,14 @@ logger = logging.getLogger(__name__)
 
 
 def register() -> None:
-    """Register ``BiVLMVllmConfig`` as vLLM quantization method ``"bivlm"`` (idempotent)."""
+    """Register ``BiVLMVllmConfig`` as vLLM quantization method ``"bivlm"`` and the
+    visual-token pruning LLaVA (``pruning.py``); idempotent."""
     from vllm.model_executor.layers import quantization as vq
 
     from .config import QUANT_METHOD, BiVLMVllmConfig
+    from .pruning import register_pruning_models
 
+    register_pruning_models()  # visual-token pruning hook, off unless the config turns it on
     current = vq._CUSTOMIZED_METHOD_TO_QUANT_CONFIG.get(QUANT_METHOD)
     if current is BiVLMVllmConfig:
         return

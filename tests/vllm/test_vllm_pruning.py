@@ -1,0 +1,136 @@
+"""Visual-token pruning in vLLM (opt-in, ``-m integration``): a tiny random LLaVA whose config
+carries ``bivlm_pruning``; vLLM's offline engine and ``vllm serve`` give the greedy tokens that
+transformers gives with the same pruning (``generate_with_pruning``), the prompt holds exactly
+the kept placeholders, and a serving-time override turns pruning off. Bad settings fail at load.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("vllm", reason="needs vLLM (pip install 'bivlm-plugin[vllm]')")
+pytest.importorskip("easy_vqa", reason="needs easy-vqa==1.0 (scripts/setup.sh installs it)")
+
+from bivlm_plugin.pruning.scores import keep_count  # noqa: E402
+from tiny_vlms import VLLM_TEXT, VLLM_VISION, save_llava_with_processor  # noqa: E402
+
+RUNNER = Path(__file__).with_name("vllm_vlm_runner.py")
+MAX_TOKENS = 6
+RATIO = 0.75  # 16 image tokens -> 4
+
+
+def _set_pruning(folder: Path, entry: dict | None) -> None:
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg.pop("bivlm_pruning", None)
+    if entry is not None:
+        cfg["bivlm_pruning"] = entry
+    (folder / "config.json").write_text(json.dumps(cfg, indent=2))
+
+
+@pytest.fixture(scope="module")
+def request_and_image(tmp_path_factory) -> tuple[Path, dict]:
+    from transformers import AutoProcessor
+
+    from bivlm_plugin.eval.vqa_data import easy_vqa_items
+
+    folder = tmp_path_factory.mktemp("llava_prune") / "dense"
+    save_llava_with_processor(folder, VLLM_TEXT, VLLM_VISION)
+    item = easy_vqa_items("test", 1)[0]
+    png = folder.parent / "q0.png"
+    item.image().save(png)
+    processor = AutoProcessor.from_pretrained(folder)
+    user = {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": item.question}]}
+    prompt = processor.apply_chat_template([user], add_generation_prompt=True, tokenize=False)
+    return folder, {"prompt": prompt, "image": str(png), "question": item.question}
+
+
+def _transformers_pruned(folder: Path, req: dict, score: str, ratio: float) -> list[int]:
+    from PIL import Image
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from bivlm_plugin.integrations.transformers.pruning import generate_with_pruning
+
+    processor = AutoProcessor.from_pretrained(folder)
+    enc = processor(
+        text=req["prompt"], images=[Image.open(req["image"]).convert("RGB")], return_tensors="pt"
+    )
+    model = AutoModelForImageTextToText.from_pretrained(folder, dtype=torch.float32).eval()
+    model.generation_config.eos_token_id = None
+    out = generate_with_pruning(
+        model, enc, ratio, score, max_new_tokens=MAX_TOKENS, do_sample=False
+    )
+    return out[0].tolist()
+
+
+def _offline(folder: Path, req: dict, tmp_path: Path) -> subprocess.CompletedProcess:
+    req_path, out_path = tmp_path / "req.json", tmp_path / "out.json"
+    req_path.write_text(json.dumps(req))
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    cmd = [sys.executable, str(RUNNER), str(folder), str(req_path), str(out_path), str(MAX_TOKENS)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    proc.result = json.loads(out_path.read_text()) if proc.returncode == 0 else None
+    return proc
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("score", ["feature_norm", "cls_attention"])
+def test_offline_pruned_tokens_equal_transformers(request_and_image, score, tmp_path) -> None:
+    folder, req = request_and_image
+    _set_pruning(folder, {"ratio": RATIO, "score": score})
+    want = _transformers_pruned(folder, req, score, RATIO)
+    proc = _offline(folder, req, tmp_path)
+    assert proc.returncode == 0, proc.stderr[-6000:]
+    assert proc.result["tokens"] == want, f"vLLM {proc.result['tokens']} vs transformers {want}"
+
+
+@pytest.mark.integration
+def test_served_pruned_and_override(request_and_image, tmp_path) -> None:
+    """`vllm serve` honours the checkpoint's setting (k placeholders in the prompt, transformers'
+    pruned tokens) and `--hf-overrides` turns it off."""
+    from vllm_serve_helpers import image_chat_body, post_json, vllm_serve
+
+    folder, req = request_and_image
+    _set_pruning(folder, {"ratio": RATIO, "score": "feature_norm"})
+    want = _transformers_pruned(folder, req, "feature_norm", RATIO)
+    png = Path(req["image"]).read_bytes()
+    with vllm_serve(folder, tmp_path / "serve.log") as (url, name):
+        res = post_json(
+            f"{url}/v1/chat/completions", image_chat_body(name, png, req["question"], MAX_TOKENS)
+        )
+    image_id = json.loads((folder / "config.json").read_text())["image_token_index"]
+    assert res["prompt_token_ids"].count(image_id) == keep_count(16, RATIO)
+    assert res["choices"][0]["token_ids"] == want
+
+    off = ("--hf-overrides", json.dumps({"bivlm_pruning": {"ratio": 0}}))
+    with vllm_serve(folder, tmp_path / "serve_off.log", extra_args=off) as (url, name):
+        res = post_json(
+            f"{url}/v1/chat/completions", image_chat_body(name, png, req["question"], MAX_TOKENS)
+        )
+    assert res["prompt_token_ids"].count(image_id) == 16
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize(
+    "entry, message",
+    [
+        ({"ratio": 1.0}, r"ratio must be in \[0, 1\)"),
+        ({"ratio": 0.5, "score": "text_attention"}, "is not served"),
+    ],
+)
+def test_bad_settings_fail_at_load(request_and_image, entry, message, tmp_path) -> None:
+    folder, req = request_and_image
+    _set_pruning(folder, entry)
+    try:
+        proc = _offline(folder, req, tmp_path)
+    finally:
+        _set_pruning(folder, None)
+    assert proc.returncode != 0
+    assert re.search(message, proc.stderr), proc.stderr[-3000:]

@@ -40,9 +40,11 @@ def request_and_image(tmp_path_factory) -> tuple[Path, dict]:
     from transformers import AutoProcessor
 
     from bivlm_plugin.eval.vqa_data import easy_vqa_items
+    from bivlm_plugin.format.serving_keys import rewrite_checkpoint_keys
 
     folder = tmp_path_factory.mktemp("llava_prune") / "dense"
     save_llava_with_processor(folder, VLLM_TEXT, VLLM_VISION)
+    rewrite_checkpoint_keys(folder)  # the published LLaVA key layout vLLM loads
     item = easy_vqa_items("test", 1)[0]
     png = folder.parent / "q0.png"
     item.image().save(png)
@@ -73,7 +75,12 @@ def _transformers_pruned(folder: Path, req: dict, score: str, ratio: float) -> l
 def _offline(folder: Path, req: dict, tmp_path: Path) -> subprocess.CompletedProcess:
     req_path, out_path = tmp_path / "req.json", tmp_path / "out.json"
     req_path.write_text(json.dumps(req))
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env = {
+        **os.environ,
+        "VLLM_CPU_KVCACHE_SPACE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "VLLM_ALLOW_INSECURE_SERIALIZATION": "1",  # the runner lists packed layers
+    }
     cmd = [sys.executable, str(RUNNER), str(folder), str(req_path), str(out_path), str(MAX_TOKENS)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
     proc.result = json.loads(out_path.read_text()) if proc.returncode == 0 else None

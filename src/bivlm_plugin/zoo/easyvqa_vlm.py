@@ -78,13 +78,14 @@ class VlmRecipe:
     vision_mlp: int = 768
     lm_layers: int | None = None  # None: all 30 decoder layers of SmolLM2
     lora_rank: int = 16
-    pretrain_steps: int = 400
+    pretrain_steps: int = 800
     pretrain_batch: int = 64
     pretrain_lr: float = 2e-3
-    steps: int = 450
-    batch_images: int = 8
-    questions_per_image: int = 4
-    lr: float = 5e-4
+    steps: int = 420
+    batch_images: int = 6
+    questions_per_image: int = 6
+    lr: float = 5e-4  # projector
+    vision_lr: float = 1e-4  # the pretrained tower adapts gently (it already knows the shapes)
     lora_lr: float = 5e-4
     warmup: int = 20
     val_images: int = 200
@@ -100,7 +101,7 @@ REFERENCE = VlmRecipe(name="easyvqa-vlm")
 TINY = VlmRecipe(
     name="easyvqa-vlm-tiny",
     lm_layers=4,
-    pretrain_steps=200,
+    pretrain_steps=300,
     steps=150,
     val_questions=200,
 )
@@ -413,12 +414,15 @@ def _align(model, prefix, train: list[_Image], recipe: VlmRecipe) -> dict:
     from tqdm.auto import tqdm
 
     lora = [p for n, p in model.named_parameters() if p.requires_grad and "lora_" in n]
-    other = [p for n, p in model.named_parameters() if p.requires_grad and "lora_" not in n]
+    tower = list(model.model.vision_tower.parameters())
+    projector = list(model.model.multi_modal_projector.parameters())
+    base_lrs = [recipe.vision_lr, recipe.lr, recipe.lora_lr]
+    groups = [tower, projector, lora]
     opt = torch.optim.AdamW(
-        [{"params": other, "lr": recipe.lr}, {"params": lora, "lr": recipe.lora_lr}],
+        [{"params": g, "lr": lr} for g, lr in zip(groups, base_lrs, strict=True)],
         weight_decay=0.0,
     )
-    base_lrs = [recipe.lr, recipe.lora_lr]
+    other = tower + projector
     rng = random.Random(recipe.seed + 1)
     bar = tqdm(range(recipe.steps), desc="VLM alignment", unit="step")
     ema = None

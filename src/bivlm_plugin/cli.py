@@ -225,6 +225,44 @@ def _cmd_bench_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_analyze_pruning(args: argparse.Namespace) -> int:
+    from bivlm_plugin.app import prune_study
+
+    models = {}
+    for spec in args.model:
+        name, sep, folder = spec.partition("=")
+        name, folder = (name, folder) if sep else (Path(spec).name, spec)
+        if not (Path(folder) / "config.json").is_file():
+            raise FileNotFoundError(f"--model {spec}: {folder} is not a model folder")
+        models[name] = Path(folder)
+    ratios = [float(r) for r in args.ratios.split(",")]
+    scores = args.scores.split(",")
+    out = Path(args.out_dir)
+    rows = prune_study.accuracy_sweep(models, scores, ratios, limit=args.limit)
+    table = prune_study.sweep_markdown(rows)
+    print(table)
+    payload = {
+        "command": "bivlm " + " ".join(sys.argv[1:]),
+        "protocol": "P2" if args.limit is None else f"P2, first {args.limit} questions",
+        "rows": rows,
+        "environment": environment_info(),
+    }
+    if args.ttft_model:
+        ttft = prune_study.vllm_ttft(
+            Path(args.ttft_model), args.ttft_ratio, args.ttft_score, args.ttft_requests
+        )
+        payload["vllm_ttft"] = ttft
+        print(
+            f"vLLM TTFT at r={args.ttft_ratio} ({args.ttft_score}) vs r=0: "
+            f"{ttft['ttft_ratio']:.3f}x (per round {ttft['ttft_ratio_per_round']})"
+        )
+    prune_study.write_json(out / "prune_study.json", payload)
+    atomic_write_text(out / "prune_study.md", table)
+    prune_study.plot_sweep(rows, out / "prune_study.png", payload["protocol"])
+    print(out / "prune_study.png")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="bivlm", description=__doc__.split("\n\n")[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -327,6 +365,29 @@ def build_parser() -> argparse.ArgumentParser:
         "mean_attention",
     )
     p.set_defaults(func=_cmd_quantize)
+
+    analyze = sub.add_parser("analyze", help="studies").add_subparsers(
+        dest="analyze_command", required=True
+    )
+    p = analyze.add_parser(
+        "pruning",
+        help="visual-token redundancy: P2 accuracy vs pruning ratio per model and score",
+        description="Sweeps pruning ratios over scores on each model (P2 through transformers) "
+        "and optionally times vLLM's TTFT at a ratio vs 0. Example: bivlm analyze pruning "
+        "--model fp=DIR --model w2=OUT --out-dir out/prune --ttft-model OUT",
+    )
+    p.add_argument("--model", action="append", required=True, help="NAME=DIR or DIR (repeatable)")
+    p.add_argument("--scores", default="cls_attention,mean_attention,feature_norm,text_attention")
+    p.add_argument("--ratios", default="0,0.5,0.75,0.9,0.95,0.99")
+    p.add_argument(
+        "--limit", type=int, help="first N P2 questions only (the table says so); default 2,000"
+    )
+    p.add_argument("--out-dir", required=True, help="writes prune_study.{json,md,png} here")
+    p.add_argument("--ttft-model", help="also time vLLM TTFT on this folder at --ttft-ratio vs 0")
+    p.add_argument("--ttft-ratio", type=float, default=0.9)
+    p.add_argument("--ttft-score", default="feature_norm", help="a text-agnostic score")
+    p.add_argument("--ttft-requests", type=int, default=8)
+    p.set_defaults(func=_cmd_analyze_pruning)
 
     bench = sub.add_parser("bench", help="benchmarks (ratios against a peer, same process)")
     bench_sub = bench.add_subparsers(dest="bench_command", required=True)

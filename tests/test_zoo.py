@@ -78,3 +78,35 @@ def test_cli_zoo_list(home, capsys) -> None:
     assert main(["zoo", "list"]) == 0
     out = capsys.readouterr().out
     assert "smollm2-135m" in out and "not built" in out and "Apache-2.0" in out
+
+
+def test_changed_fingerprint_rebuilds(home, scratch_entries) -> None:
+    calls = []
+
+    def builder(out: Path) -> dict:
+        calls.append(out)
+        (out / "config.json").write_text("{}")
+        return {}
+
+    registry.register(_entry("fp", builder))
+    registry._ZOO["fp"] = registry.ZooEntry(
+        name="fp", description="t", source="t", requires=(), builder=builder, fingerprint="a"
+    )
+    registry.build("fp")
+    registry.build("fp")
+    assert len(calls) == 1
+    registry._ZOO["fp"] = registry.ZooEntry(
+        name="fp", description="t", source="t", requires=(), builder=builder, fingerprint="b"
+    )
+    registry.build("fp")  # the recipe changed: the cached build is stale
+    assert len(calls) == 2
+    done = json.loads((home / "models" / "fp" / registry.DONE_MARK).read_text())
+    assert done["fingerprint"] == "b"
+
+
+def test_zoo_lists_the_reference_vlm(home, capsys) -> None:
+    from bivlm_plugin.cli import main
+
+    assert main(["zoo", "list"]) == 0
+    out = capsys.readouterr().out
+    assert "easyvqa-vlm " in out and "easyvqa-vlm-tiny" in out

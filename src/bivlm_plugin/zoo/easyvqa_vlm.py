@@ -25,6 +25,7 @@ fewer steps) builds in a few minutes for tests.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import random
@@ -377,8 +378,8 @@ def _pretrain_vision(model, images: list[_Image], recipe: VlmRecipe) -> dict:
         opt.step()
         hit = (logits[:, :3].argmax(1) == shape) & (logits[:, 3:].argmax(1) == color)
         acc = 0.9 * acc + 0.1 * float(hit.float().mean()) if step else float(hit.float().mean())
-        bar.set_postfix(loss=f"{float(loss):.3f}", acc=f"{acc:.2f}")
-    return {"pretrain_final_loss": float(loss), "pretrain_batch_accuracy_ema": acc}
+        bar.set_postfix(loss=f"{loss.item():.3f}", acc=f"{acc:.2f}")
+    return {"pretrain_final_loss": loss.item(), "pretrain_batch_accuracy_ema": acc}
 
 
 @torch.no_grad()
@@ -447,7 +448,7 @@ def _align(model, prefix, train: list[_Image], recipe: VlmRecipe) -> dict:
         loss.backward()
         torch.nn.utils.clip_grad_norm_(other + lora, 1.0)
         opt.step()
-        ema = float(loss) if ema is None else 0.9 * ema + 0.1 * float(loss)
+        ema = loss.item() if ema is None else 0.9 * ema + 0.1 * loss.item()
         bar.set_postfix(loss=f"{ema:.3f}")
     return {"align_final_loss_ema": ema}
 
@@ -547,6 +548,7 @@ def _entry(recipe: VlmRecipe, description: str) -> ZooEntry:
             ("peft", "peft==0.21.2"),
         ),
         builder=lambda out: build_vlm(out, recipe),
+        fingerprint=json.dumps(asdict(recipe), sort_keys=True),
     )
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -11,6 +12,8 @@ from pathlib import Path
 from bivlm_plugin.utils import atomic_directory
 
 __all__ = ["ZooEntry", "register", "available", "get", "build", "cache_root"]
+
+logger = logging.getLogger(__name__)
 
 HOME_ENV = "BIVLM_HOME"
 DONE_MARK = "bivlm_zoo.json"
@@ -26,6 +29,8 @@ class ZooEntry:
         source: where the weights come from, with their license.
         requires: import names needed to build, with the pip requirement that provides each.
         builder: writes the model into an empty folder (and verifies it there).
+        fingerprint: what defines the build (e.g. its training recipe); a cached build made with
+            another fingerprint is rebuilt, so a changed recipe never serves a stale model.
     """
 
     name: str
@@ -33,6 +38,7 @@ class ZooEntry:
     source: str
     requires: tuple[tuple[str, str], ...]
     builder: Callable[[Path], dict]
+    fingerprint: str = ""
 
 
 _ZOO: dict[str, ZooEntry] = {}
@@ -83,12 +89,18 @@ def build(name: str, force: bool = False) -> Path:
     entry = get(name)
     target = cache_root() / "models" / name
     if (target / DONE_MARK).is_file() and not force:
-        return target
+        done = json.loads((target / DONE_MARK).read_text())
+        if done.get("fingerprint", "") == entry.fingerprint:
+            return target
+        logger.info("%s: cached build has another fingerprint; rebuilding", name)
     _check_requirements(entry)
     with atomic_directory(target) as tmp:
         info = entry.builder(tmp)
         (tmp / DONE_MARK).write_text(
-            json.dumps({"name": name, "source": entry.source, **info}, indent=2)
+            json.dumps(
+                {"name": name, "source": entry.source, "fingerprint": entry.fingerprint, **info},
+                indent=2,
+            )
         )
     return target
 

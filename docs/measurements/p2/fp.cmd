@@ -1,0 +1,1 @@
+bash scripts/p2_run.sh fp  

@@ -95,3 +95,22 @@ def image_chat_body(model: str, png: bytes, question: str, max_tokens: int) -> d
         "ignore_eos": True,
         "return_token_ids": True,
     }
+
+
+def run_vlm_runner(
+    folder: Path, request: dict, tmp_path: Path, max_tokens: int
+) -> tuple[subprocess.CompletedProcess, dict | None]:
+    """Greedy generation in vLLM's offline engine (``tests/vllm/vllm_vlm_runner.py``) in a
+    subprocess. Returns the process and, when it succeeded, the runner's JSON result."""
+    runner = Path(__file__).parent / "vllm" / "vllm_vlm_runner.py"
+    req_path, out_path = tmp_path / "req.json", tmp_path / "out.json"
+    req_path.write_text(json.dumps(request))
+    env = {
+        **os.environ,
+        "VLLM_CPU_KVCACHE_SPACE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "VLLM_ALLOW_INSECURE_SERIALIZATION": "1",  # the runner lists packed layers
+    }
+    cmd = [sys.executable, str(runner), str(folder), str(req_path), str(out_path), str(max_tokens)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    return proc, (json.loads(out_path.read_text()) if proc.returncode == 0 else None)

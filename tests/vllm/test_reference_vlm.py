@@ -155,23 +155,11 @@ def _transformers_greedy(folder: Path, req: dict) -> tuple[list[int], list[int]]
 
 
 def _vllm_offline(folder: Path, req: dict, tmp_path: Path) -> dict:
-    import os
-    import subprocess
-    import sys
+    from vllm_serve_helpers import run_vlm_runner
 
-    runner = Path(__file__).with_name("vllm_vlm_runner.py")
-    req_path, out_path = tmp_path / "req.json", tmp_path / "out.json"
-    req_path.write_text(json.dumps(req))
-    env = {
-        **os.environ,
-        "VLLM_CPU_KVCACHE_SPACE": "1",
-        "TOKENIZERS_PARALLELISM": "false",
-        "VLLM_ALLOW_INSECURE_SERIALIZATION": "1",  # the runner lists packed layers
-    }
-    cmd = [sys.executable, str(runner), str(folder), str(req_path), str(out_path), str(MAX_TOKENS)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    proc, result = run_vlm_runner(folder, req, tmp_path, MAX_TOKENS)
     assert proc.returncode == 0, proc.stderr[-6000:]
-    return json.loads(out_path.read_text())
+    return result
 
 
 def _served_chat(folder: Path, req: dict, tmp_path: Path) -> dict:

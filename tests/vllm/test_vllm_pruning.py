@@ -7,10 +7,7 @@ the kept placeholders, and a serving-time override turns pruning off. Bad settin
 from __future__ import annotations
 
 import json
-import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -22,7 +19,6 @@ pytest.importorskip("easy_vqa", reason="needs easy-vqa==1.0 (scripts/setup.sh in
 from bivlm_plugin.pruning.scores import keep_count  # noqa: E402
 from tiny_vlms import VLLM_TEXT, VLLM_VISION, save_llava_with_processor  # noqa: E402
 
-RUNNER = Path(__file__).with_name("vllm_vlm_runner.py")
 MAX_TOKENS = 6
 RATIO = 0.75  # 16 image tokens -> 4
 
@@ -72,19 +68,10 @@ def _transformers_pruned(folder: Path, req: dict, score: str, ratio: float) -> l
     return out[0].tolist()
 
 
-def _offline(folder: Path, req: dict, tmp_path: Path) -> subprocess.CompletedProcess:
-    req_path, out_path = tmp_path / "req.json", tmp_path / "out.json"
-    req_path.write_text(json.dumps(req))
-    env = {
-        **os.environ,
-        "VLLM_CPU_KVCACHE_SPACE": "1",
-        "TOKENIZERS_PARALLELISM": "false",
-        "VLLM_ALLOW_INSECURE_SERIALIZATION": "1",  # the runner lists packed layers
-    }
-    cmd = [sys.executable, str(RUNNER), str(folder), str(req_path), str(out_path), str(MAX_TOKENS)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
-    proc.result = json.loads(out_path.read_text()) if proc.returncode == 0 else None
-    return proc
+def _offline(folder: Path, req: dict, tmp_path: Path):
+    from vllm_serve_helpers import run_vlm_runner
+
+    return run_vlm_runner(folder, req, tmp_path, MAX_TOKENS)
 
 
 @pytest.mark.integration
@@ -93,9 +80,9 @@ def test_offline_pruned_tokens_equal_transformers(request_and_image, score, tmp_
     folder, req = request_and_image
     _set_pruning(folder, {"ratio": RATIO, "score": score})
     want = _transformers_pruned(folder, req, score, RATIO)
-    proc = _offline(folder, req, tmp_path)
+    proc, result = _offline(folder, req, tmp_path)
     assert proc.returncode == 0, proc.stderr[-6000:]
-    assert proc.result["tokens"] == want, f"vLLM {proc.result['tokens']} vs transformers {want}"
+    assert result["tokens"] == want, f"vLLM {result['tokens']} vs transformers {want}"
 
 
 @pytest.mark.integration
@@ -136,7 +123,7 @@ def test_bad_settings_fail_at_load(request_and_image, entry, message, tmp_path) 
     folder, req = request_and_image
     _set_pruning(folder, entry)
     try:
-        proc = _offline(folder, req, tmp_path)
+        proc, _ = _offline(folder, req, tmp_path)
     finally:
         _set_pruning(folder, None)
     assert proc.returncode != 0

@@ -14,6 +14,7 @@ Heavy imports happen inside the commands so ``bivlm --help`` stays instant.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import sys
@@ -109,8 +110,9 @@ def _cmd_eval_vqa(args: argparse.Namespace) -> int:
     if args.prune_ratio > 0:
         from bivlm_plugin.integrations.transformers.pruning import generate_with_pruning
 
-        def generate(model, batch, **kwargs):
-            return generate_with_pruning(model, batch, args.prune_ratio, args.prune_score, **kwargs)
+        generate = functools.partial(
+            generate_with_pruning, prune_ratio=args.prune_ratio, prune_score=args.prune_score
+        )
 
     result = evaluate_vqa(model, processor, items, batch_size=args.batch_size, generate=generate)
     by_kind = ", ".join(f"{k} {v:.4f}" for k, v in result.accuracy_by_kind.items())

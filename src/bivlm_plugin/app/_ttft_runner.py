@@ -15,15 +15,13 @@ import time
 def main(model: str, ratio: float, score: str, n: int, out_path: str) -> None:
     from transformers import AutoProcessor
 
-    from bivlm_plugin.eval.vqa import p2_items
+    from bivlm_plugin.eval.vqa import P2
+    from bivlm_plugin.eval.vqa_data import easy_vqa_by_image
     from vllm import LLM, SamplingParams
 
     processor = AutoProcessor.from_pretrained(model)
-    items, seen = [], set()
-    for item in p2_items():  # one question per image: no encoder-cache hits across requests
-        if item.image_path not in seen and len(items) < n + 1:
-            seen.add(item.image_path)
-            items.append(item)
+    # one question per image: no encoder-cache hits across requests
+    items = [qs[0] for qs in list(easy_vqa_by_image(P2.split).values())[: n + 1]]
     llm = LLM(
         model=model,
         dtype="bfloat16",

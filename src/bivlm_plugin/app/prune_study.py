@@ -10,6 +10,7 @@ Non-goals: choosing a default ratio (the README states what was measured).
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -56,16 +57,15 @@ def accuracy_sweep(
                 if ratio == 0.0 and base is not None:
                     res = base
                 else:
-
-                    def generate(m, batch, _r=ratio, _s=score, **kw):
-                        return generate_with_pruning(m, batch, _r, _s, **kw)
-
+                    generate = (
+                        plain_generate
+                        if ratio == 0.0
+                        else functools.partial(
+                            generate_with_pruning, prune_ratio=ratio, prune_score=score
+                        )
+                    )
                     res = evaluate_vqa(
-                        model,
-                        processor,
-                        items,
-                        batch_size=batch_size,
-                        generate=plain_generate if ratio == 0.0 else generate,
+                        model, processor, items, batch_size=batch_size, generate=generate
                     )
                     if ratio == 0.0:
                         base = res

@@ -10,7 +10,7 @@ import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["VqaItem", "easy_vqa_items"]
+__all__ = ["VqaItem", "easy_vqa_by_image", "easy_vqa_items"]
 
 
 @dataclass(frozen=True)
@@ -45,3 +45,11 @@ def easy_vqa_items(split: str, limit: int | None = None) -> list[VqaItem]:
     rows = json.loads((root / "questions.json").read_text())
     rows = rows if limit is None else rows[:limit]
     return [VqaItem(root / "images" / f"{image_id}.png", q, a) for q, a, image_id in rows]
+
+
+def easy_vqa_by_image(split: str) -> dict[Path, list[VqaItem]]:
+    """Every question of a split grouped by image, images in order of first appearance."""
+    by_image: dict[Path, list[VqaItem]] = {}
+    for item in easy_vqa_items(split):
+        by_image.setdefault(item.image_path, []).append(item)
+    return by_image

@@ -169,13 +169,12 @@ def _split_prompt(processor, question: str, answer: str, n_image: int):
 
 def _load_train(processor, recipe: VlmRecipe):
     """Train split images with their questions, tokenized; returns (prefix ids, images)."""
-    from collections import defaultdict
+    from bivlm_plugin.eval.vqa_data import easy_vqa_by_image
 
-    from bivlm_plugin.eval.vqa_data import easy_vqa_items
-
-    by_image: dict[Path, list[tuple[str, str]]] = defaultdict(list)
-    for item in easy_vqa_items("train"):
-        by_image[item.image_path].append((item.question, item.answer))
+    by_image = {
+        path: [(it.question, it.answer) for it in items]
+        for path, items in easy_vqa_by_image("train").items()
+    }
     paths = sorted(by_image, key=lambda p: int(p.stem))
     prefix = None
     images = []

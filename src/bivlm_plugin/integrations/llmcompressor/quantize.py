@@ -237,11 +237,9 @@ def easy_vqa_calibration(processor, n: int = VLM_CALIBRATION_SAMPLES):
     from datasets import Dataset
     from tqdm.auto import tqdm
 
-    from bivlm_plugin.eval.vqa_data import easy_vqa_items
+    from bivlm_plugin.eval.vqa_data import easy_vqa_by_image
 
-    by_image: dict = {}
-    for item in easy_vqa_items("train"):
-        by_image.setdefault(item.image_path, []).append(item)
+    by_image = easy_vqa_by_image("train")
     if not 0 < n <= len(by_image):
         raise ValueError(f"n must be in 1..{len(by_image)} (easy-VQA train images), got {n}")
     picked = [qs[i % len(qs)] for i, qs in enumerate(list(by_image.values())[:n])]

@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from bivlm_plugin.pruning.scores import SCORES, keep_indices
+from bivlm_plugin.pruning.scores import SCORES, keep_count, keep_indices
 
 __all__ = ["FASTV_LAYER", "SUPPORTED_FAMILIES", "generate_with_pruning", "prune_inputs"]
 
@@ -42,8 +42,7 @@ def _check(model, prune_ratio: float, prune_score: str) -> None:
         )
     if prune_score not in SCORES:
         raise ValueError(f"unknown prune score {prune_score!r}; choose one of {sorted(SCORES)}")
-    if not 0.0 <= prune_ratio < 1.0:
-        raise ValueError(f"prune ratio must be in [0, 1), got {prune_ratio}; e.g. 0.9 keeps 10%")
+    keep_count(1, prune_ratio)  # the one range check: names the ratio and the range
 
 
 def _attention_probs(q: torch.Tensor, k: torch.Tensor, n_heads: int, scale: float):

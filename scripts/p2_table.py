@@ -25,6 +25,9 @@ def row(p2_path: Path) -> str:
     if mods and "GPTQModifier" in json.dumps(recipe):
         setting = "whole VLM" if "vision_tower" not in json.dumps(recipe) else "LM only"
     files = q.get("storage_bits_from_files")
+    packed = p2_path.with_name(f"{name}.packed") / "bivlm_report.json"
+    if files is None and packed.is_file():  # GPTQ rows: the packed save of the same run
+        files = json.loads(packed.read_text()).get("storage_bits_from_files")
     storage = f"{files:.3f}" if files is not None else f"{q.get('storage_bits', 16):.3f}"
     kinds = res.get("accuracy_by_kind", {})
     by_kind = " / ".join(f"{kinds.get(k, float('nan')):.3f}" for k in ("yes/no", "shape", "color"))

@@ -115,3 +115,55 @@ def test_labels_from_train_questions() -> None:
     assert _labels([("is there not a red shape?", "yes")]) == (-1, -1)
     assert _labels([("is no circle present?", "no")]) == (0, -1)
     assert _labels([("does the image contain a rectangle?", "yes")]) == (1, -1)
+
+
+def test_evaluate_vqa_answers_through_the_generate_it_is_given(tiny_llava_dir: Path) -> None:
+    """The ``generate`` argument (e.g. pruned generation) is what produces the answers."""
+    model, processor = load_vlm(tiny_llava_dir, dtype=torch.float32)
+    items = p2_items(6)
+    yes = processor.tokenizer("yes", add_special_tokens=False).input_ids
+    calls = []
+
+    def fake(model, batch, **kwargs):
+        calls.append(batch["input_ids"].shape[0])
+        return torch.tensor([yes] * batch["input_ids"].shape[0])
+
+    res = evaluate_vqa(model, processor, items, batch_size=4, generate=fake)
+    assert sum(calls) == 6
+    assert {normalize_answer(p) for p in res.predictions} == {"yes"}
+    assert res.n_correct == sum(it.answer == "yes" for it in items)
+
+
+def test_cli_eval_vqa_prunes_when_asked(tiny_llava_dir: Path, tmp_path: Path, monkeypatch) -> None:
+    """``--prune-ratio`` reaches generation: the pruned path is called with ratio and score."""
+    from bivlm_plugin.cli import main
+    from bivlm_plugin.integrations.transformers import pruning
+
+    seen = []
+    real = pruning.generate_with_pruning
+
+    def spy(model, inputs, prune_ratio, prune_score="cls_attention", **kw):
+        seen.append((prune_ratio, prune_score))
+        return real(model, inputs, prune_ratio, prune_score, **kw)
+
+    monkeypatch.setattr(pruning, "generate_with_pruning", spy)
+    out = tmp_path / "p2.json"
+    argv = ["eval", "vqa", "--model", str(tiny_llava_dir), "--limit", "3", "--dtype", "float32"]
+    argv += ["--prune-ratio", "0.75", "--prune-score", "feature_norm", "--json", str(out)]
+    assert main(argv) == 0
+    assert seen and set(seen) == {(0.75, "feature_norm")}
+    res = json.loads(out.read_text())
+    assert res["prune_ratio"] == 0.75 and res["prune_score"] == "feature_norm"
+
+
+def test_p2_val_is_the_held_out_train_images() -> None:
+    from bivlm_plugin.eval.vqa import P2_VAL, VAL_IMAGES
+    from bivlm_plugin.eval.vqa_data import easy_vqa_by_image
+    from bivlm_plugin.zoo.easyvqa_vlm import REFERENCE
+
+    assert REFERENCE.val_images == VAL_IMAGES  # the images the build holds out
+    items = p2_items(protocol=P2_VAL)
+    held_out = set(list(easy_vqa_by_image("train"))[-VAL_IMAGES:])
+    assert items and {it.image_path for it in items} <= held_out
+    assert all("train" in str(it.image_path) for it in items)
+    assert len(items) <= P2_VAL.n_questions

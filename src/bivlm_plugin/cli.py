@@ -96,12 +96,12 @@ def _cmd_eval_ppl(args: argparse.Namespace) -> int:
 def _cmd_eval_vqa(args: argparse.Namespace) -> int:
     import torch
 
-    from bivlm_plugin.eval.vqa import P2, evaluate_vqa, load_vlm, p2_items, plain_generate
-
-    dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}[args.dtype]
+    from bivlm_plugin.eval.vqa import PROTOCOLS, evaluate_vqa, load_vlm, p2_items, plain_generate
     from bivlm_plugin.pruning.scores import SCORES, keep_count
 
-    items = p2_items(args.limit)  # validates --limit before the model loads
+    dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}[args.dtype]
+    protocol = PROTOCOLS[args.protocol]
+    items = p2_items(args.limit, protocol)  # validates --limit before the model loads
     keep_count(1, args.prune_ratio)  # validates the ratio (message names the range)
     if args.prune_score not in SCORES:
         raise ValueError(f"--prune-score {args.prune_score!r}: choose one of {sorted(SCORES)}")
@@ -114,10 +114,12 @@ def _cmd_eval_vqa(args: argparse.Namespace) -> int:
             generate_with_pruning, prune_ratio=args.prune_ratio, prune_score=args.prune_score
         )
 
-    result = evaluate_vqa(model, processor, items, batch_size=args.batch_size, generate=generate)
+    result = evaluate_vqa(
+        model, processor, items, batch_size=args.batch_size, generate=generate, protocol=protocol
+    )
     by_kind = ", ".join(f"{k} {v:.4f}" for k, v in result.accuracy_by_kind.items())
     print(
-        f"{P2.name} accuracy {result.accuracy:.4f} ({result.n_correct}/{result.n_questions} "
+        f"{protocol.name} accuracy {result.accuracy:.4f} ({result.n_correct}/{result.n_questions} "
         f"questions; {by_kind}) in {result.seconds:.1f} s"
         + (
             f"; image tokens pruned {args.prune_ratio} by {args.prune_score}"
@@ -129,9 +131,9 @@ def _cmd_eval_vqa(args: argparse.Namespace) -> int:
         model_dir = Path(args.model)
         payload = {
             "model": str(model_dir.resolve()),
-            "protocol": P2.name,
+            "protocol": protocol.name,
             "protocol_detail": (
-                f"easy-VQA {P2.split}, first {result.n_questions} questions in file order, "
+                f"easy-VQA {protocol.split}, first {result.n_questions} questions in file order, "
                 "greedy, exact match after lowercasing and stripping punctuation"
             ),
             "limit": args.limit,
@@ -167,6 +169,7 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
         fake_quant=args.fake_quant,
         prune_ratio=args.prune_ratio,
         prune_score=args.prune_score,
+        calibration_text_tokens=args.calibration_text_tokens,
     )
     print(
         f"{report['method']}: {report['n_layers']} layers, {report['weight_bits']:.3f} weight "
@@ -307,6 +310,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="score only the first N of the 2,000 questions (quick looks; not a P2 figure)",
     )
     p.add_argument("--json", help="write accuracy, counts, predictions and the quant report here")
+    p.add_argument(
+        "--protocol",
+        default="P2",
+        choices=["P2", "P2-val"],
+        help="P2 (default): easy-VQA test, the reported figure; P2-val: the questions of the "
+        "200 train images the reference VLM holds out, for choosing settings without P2",
+    )
     p.add_argument("--batch-size", type=int, default=16, help="prompts per generate call")
     p.add_argument(
         "--dtype",
@@ -338,7 +348,17 @@ def build_parser() -> argparse.ArgumentParser:
         "--num-calibration-samples",
         type=int,
         default=None,
-        help="use the first N of P1's 128 calibration windows",
+        help="use the first N of P1's 128 calibration windows (VLMs: of the 128 easy-VQA "
+        "train triples)",
+    )
+    p.add_argument(
+        "--calibration-text-tokens",
+        type=int,
+        default=None,
+        metavar="N",
+        help="VLMs: append N tokens of a P1 calibration window (WikiText-2 valid) to each "
+        "easy-VQA triple so the language model also calibrates on plain text; 0: triples only "
+        "(default: see README)",
     )
     p.add_argument("--overwrite", action="store_true", help="replace an existing --output")
     p.add_argument(

@@ -67,9 +67,58 @@ def test_unknown_method_lists_available() -> None:
 def test_bad_method_args_name_the_fields() -> None:
     from bivlm_plugin.integrations.llmcompressor.modifier import BiVLMModifier
 
-    mod = BiVLMModifier(method="rtn_sign", method_args={"nonsense": 1})
     with pytest.raises(ValueError, match="nonsense"):
-        mod.layer_config("language")
+        BiVLMModifier(method="rtn_sign", method_args={"nonsense": 1})  # at construction
+
+
+@pytest.mark.parametrize(
+    "fields, message",
+    [
+        ({"p_sal": 0.7}, "p_sal"),
+        ({"p_sal_vision": -0.1}, "p_sal_vision"),
+        ({"n_rings": 0}, "n_rings"),
+        ({"block_size": 0}, "block_size"),
+        ({"bit_budget": 0.5}, r"bit_budget 0.5 is below what method 'bivlm' can reach"),
+        ({"n_rings": 4, "bit_budget": 2.5}, r"n_rings=4: 3 bits"),
+        ({"p_sal_candidates": [0.0, 0.6]}, "p_sal_candidates"),
+        ({"method": "billm", "n_rings": 2}, r"\['n_rings'\] are not used by method 'billm'"),
+        ({"method": "billm", "p_sal": 0.02}, r"\['p_sal'\] are not used"),
+        ({"method": "arb_rc", "p_sal_vision": 0.05}, r"\['p_sal_vision'\] are not used"),
+        ({"method": "rtn_sign", "block_size": 64}, r"\['block_size'\] are not used"),
+        ({"method": "billm", "block_size": 64, "method_args": {"block_size": 32}}, "set each once"),
+    ],
+)
+def test_every_recipe_field_is_used_or_rejected_at_construction(fields, message) -> None:
+    from bivlm_plugin.integrations.llmcompressor.modifier import BiVLMModifier
+
+    with pytest.raises(ValueError, match=message):
+        BiVLMModifier(**fields)
+
+
+def test_shared_fields_reach_the_baselines() -> None:
+    """A baseline gets the shared knobs a recipe sets (under its own names), and its authors'
+    defaults for the rest."""
+    from bivlm_plugin.integrations.llmcompressor.modifier import BiVLMModifier
+
+    cfg = BiVLMModifier(method="billm", block_size=64, dampening_frac=0.05).layer_config("language")
+    assert (cfg.block_size, cfg.percdamp, cfg.compensate) == (64, 0.05, True)
+    assert BiVLMModifier(method="billm").layer_config("language").block_size == 128
+
+
+def test_vision_layers_take_their_own_salient_share() -> None:
+    """With a language-model share search under a budget, vision linears keep p_sal_vision
+    (and no per-layer cap) unless the recipe gives them candidates of their own."""
+    from bivlm_plugin.integrations.llmcompressor.modifier import BiVLMModifier
+
+    mod = BiVLMModifier(
+        n_rings=2, p_sal_vision=0.05, p_sal_candidates=[0.0, 0.01], bit_budget=2.25, scope="all"
+    )
+    lang, vis = mod.layer_config("language"), mod.layer_config("vision")
+    assert lang.p_sal_candidates == (0.0, 0.01) and lang.bit_budget == 2.25
+    assert vis.p_sal == 0.05 and vis.p_sal_candidates is None and vis.bit_budget is None
+    mod = BiVLMModifier(n_rings=2, p_sal_candidates_vision=[0.02, 0.05], bit_budget=2.5)
+    vis = mod.layer_config("vision")
+    assert vis.p_sal_candidates == (0.02, 0.05) and vis.bit_budget == 2.5
 
 
 def test_recipe_without_stage_nesting_is_rejected(tmp_path) -> None:
@@ -87,12 +136,15 @@ def test_recipe_without_stage_nesting_is_rejected(tmp_path) -> None:
 def test_shipped_recipes_are_well_formed() -> None:
     from pathlib import Path
 
-    from bivlm_plugin.integrations.llmcompressor.recipe import load_recipe
+    from bivlm_plugin.integrations.llmcompressor.modifier import BiVLMModifier
+    from bivlm_plugin.integrations.llmcompressor.recipe import load_recipe, recipe_modifiers
 
     recipes = sorted((Path(__file__).resolve().parents[2] / "recipes").glob("*.yaml"))
     assert len(recipes) >= 3
     for path in recipes:
-        load_recipe(path)
+        args = recipe_modifiers(load_recipe(path), str(path)).get("BiVLMModifier")
+        if args is not None:
+            BiVLMModifier(**args)  # every field valid and used
 
 
 def test_no_matching_targets_is_an_error(tiny_llama_dir, tiny_tokenizer) -> None:
@@ -103,7 +155,10 @@ def test_no_matching_targets_is_an_error(tiny_llama_dir, tiny_tokenizer) -> None
 
 @pytest.mark.parametrize("method", ["bivlm", "rtn_sign", "billm"])
 def test_oneshot_quantizes_every_decoder_linear(tiny_llama_dir, tiny_tokenizer, method) -> None:
-    model, mod, _ = _oneshot(tiny_llama_dir, tiny_tokenizer, RECIPE.format(method=method))
+    recipe = RECIPE.format(method=method)
+    if method != "bivlm":  # refine_iters is a Bi-VLM knob: baselines reject it
+        recipe = recipe.replace("      refine_iters: 1\n", "")
+    model, mod, _ = _oneshot(tiny_llama_dir, tiny_tokenizer, recipe)
     summary = mod.summary()
     n_layers = model.config.num_hidden_layers
     assert summary["n_layers"] == 7 * n_layers  # q k v o gate up down

@@ -31,6 +31,8 @@ __all__ = [
     "VqaResult",
     "normalize_answer",
     "p2_items",
+    "P2_VAL",
+    "PROTOCOLS",
     "evaluate_vqa",
     "plain_generate",
 ]
@@ -47,6 +49,11 @@ class VqaProtocol:
 
 
 P2 = VqaProtocol(name="P2", split="test", n_questions=2000, max_new_tokens=8)
+# For choosing settings without looking at P2: the reference VLM's held-out train images (the
+# last ``VAL_IMAGES`` train images, never trained on or calibrated with), all their questions.
+VAL_IMAGES = 200
+P2_VAL = VqaProtocol(name="P2-val", split="train-heldout", n_questions=2000, max_new_tokens=8)
+PROTOCOLS = {p.name: p for p in (P2, P2_VAL)}
 
 _PUNCT = str.maketrans("", "", string.punctuation)
 
@@ -62,6 +69,11 @@ def p2_items(limit: int | None = None, protocol: VqaProtocol = P2) -> list[VqaIt
         raise ValueError(
             f"--limit must be in 1..{protocol.n_questions} (protocol {protocol.name}), got {limit}"
         )
+    if protocol.split == "train-heldout":
+        from bivlm_plugin.eval.vqa_data import easy_vqa_by_image
+
+        held_out = list(easy_vqa_by_image("train").values())[-VAL_IMAGES:]
+        return [q for qs in held_out for q in qs][: limit or protocol.n_questions]
     return easy_vqa_items(protocol.split, limit or protocol.n_questions)
 
 
@@ -144,14 +156,14 @@ def evaluate_vqa(
     tok = processor.tokenizer
     predictions: list[str] = [""] * len(items)
     bar = tqdm(total=len(items), desc=f"{protocol.name} answers", unit="q")
-    for length, idx in sorted(by_length.items()):
+    for _, idx in sorted(by_length.items()):
         for lo in range(0, len(idx), batch_size):
             chunk = idx[lo : lo + batch_size]
             batch = {k: torch.cat([encoded[i][k] for i in chunk]) for k in encoded[chunk[0]].keys()}
             if "pixel_values" in batch:
                 batch["pixel_values"] = batch["pixel_values"].to(model.dtype)
-            out = model.generate(**batch, max_new_tokens=protocol.max_new_tokens, do_sample=False)
-            for i, row in zip(chunk, out[:, length:], strict=True):
+            new = generate(model, batch, max_new_tokens=protocol.max_new_tokens, do_sample=False)
+            for i, row in zip(chunk, new, strict=True):
                 predictions[i] = tok.decode(row, skip_special_tokens=True)
             bar.update(len(chunk))
     bar.close()

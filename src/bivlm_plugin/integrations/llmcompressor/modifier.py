@@ -36,9 +36,10 @@ import torch
 from compressed_tensors.utils import match_named_modules
 from llmcompressor.core import Event, State
 from llmcompressor.modifiers import Modifier
-from pydantic import Field, PrivateAttr, field_validator
+from pydantic import Field, PrivateAttr, field_validator, model_validator
 
 from bivlm_plugin.core import methods
+from bivlm_plugin.core.bits import ring_index_bits
 from bivlm_plugin.core.hessian import HessianAccumulator
 from bivlm_plugin.core.types import QuantResult, get_method
 
@@ -54,6 +55,33 @@ methods.load_all()  # Bi-VLM and the baselines register themselves with the core
 DEFAULT_VISION = ["re:(^|.*\\.)(visual|vision_tower|vision_model|vision_encoder)\\..*"]
 DEFAULT_PROJECTOR = ["re:.*(multi_modal_projector|visual\\.merger|connector|mm_projector).*"]
 NEVER = ["re:(^|.*\\.)lm_head$", "re:.*embed_tokens$", "re:.*(norm|layernorm)[^.]*$"]
+
+
+# Modifier fields shared by the methods -> the core config field they set (p_sal for language
+# modules, p_sal_vision for vision modules, both into the core's p_sal).
+_SHARED_KNOBS = {
+    "p_sal": "p_sal",
+    "p_sal_vision": "p_sal",
+    "n_rings": "n_rings",
+    "stats": "stats",
+    "scale_mode": "scale_mode",
+    "mean_mode": "mean_mode",
+    "salient_select": "salient_select",
+    "salient_metric": "salient_metric",
+    "assign": "assign",
+    "refine_iters": "refine_iters",
+    "refine_weighted": "refine_weighted",
+    "refit_iters": "refit_iters",
+    "compensate": "compensate",
+    "block_size": "block_size",
+    "dampening_frac": "percdamp",
+    "p_sal_candidates": "p_sal_candidates",
+    "p_sal_candidates_vision": "p_sal_candidates",
+    "bit_budget": "bit_budget",
+}
+_LANGUAGE_KNOBS = {"p_sal", "p_sal_candidates"}
+_VISION_KNOBS = {"p_sal_vision", "p_sal_candidates_vision"}
+_PART_KNOBS = _LANGUAGE_KNOBS | _VISION_KNOBS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,8 +112,11 @@ class BiVLMModifier(Modifier):
             ``bivlm_plugin.core.bivlm.BiVLMConfig``.
         refine_iters / refine_weighted / refit_iters: ARB-style alternating refinement.
         compensate / block_size / dampening_frac: GPTQ block-wise error compensation.
-        p_sal_candidates / bit_budget: per-layer salient share chosen by tr(R H R^T) under a
-            storage-bit budget.
+        p_sal_candidates / bit_budget: per-layer salient share of language-model linears chosen
+            by tr(R H R^T) under a storage-bit budget (a cap per layer).
+        p_sal_candidates_vision: the same search for vision-encoder linears (under the same
+            bit_budget); by default they take ``p_sal_vision``, outside the budget (the vision
+            encoder is a few percent of a VLM's weights; the report counts its bits).
         method_args: extra config fields for the chosen method (baselines' own knobs).
         scope: ``language`` (paper setting 1) or ``all`` (whole VLM, vision encoder too).
         targets: module classes / names to quantize (compressed-tensors matching, ``re:``).
@@ -97,9 +128,9 @@ class BiVLMModifier(Modifier):
     requires_calibration_data: bool = True
 
     method: str = "bivlm"
-    p_sal: float = 0.01
-    p_sal_vision: float = 0.05
-    n_rings: int = 1
+    p_sal: float = Field(default=0.01, ge=0.0, lt=0.5)
+    p_sal_vision: float = Field(default=0.05, ge=0.0, lt=0.5)
+    n_rings: int = Field(default=1, ge=1, le=256)
     stats: Literal["row", "layer"] = "row"
     scale_mode: Literal["row_ring", "ring"] = "row_ring"
     mean_mode: Literal["row", "row_subset"] = "row"
@@ -113,6 +144,7 @@ class BiVLMModifier(Modifier):
     block_size: int = Field(default=128, gt=0)
     dampening_frac: float = Field(default=0.01, ge=0.0, lt=1.0)
     p_sal_candidates: list[float] | None = None
+    p_sal_candidates_vision: list[float] | None = None
     bit_budget: float | None = Field(default=None, gt=0.0)
     method_args: dict[str, Any] = Field(default_factory=dict)
 
@@ -141,38 +173,64 @@ class BiVLMModifier(Modifier):
             raise ValueError("targets is empty; use e.g. targets: [Linear]")
         return value
 
+    @model_validator(mode="after")
+    def _check_fields(self) -> BiVLMModifier:
+        """Every field a recipe sets is used or rejected here, at construction, naming it."""
+        if self.bit_budget is not None and self.method == "bivlm":
+            floor = 1 + ring_index_bits(self.n_rings)
+            if self.bit_budget < floor:
+                raise ValueError(
+                    f"bit_budget {self.bit_budget} is below what method 'bivlm' can reach with "
+                    f"n_rings={self.n_rings}: {floor} bits per weight (sign plus ring index) "
+                    "before any scale; raise bit_budget or lower n_rings"
+                )
+        self.layer_config("language")
+        self.layer_config("vision")
+        return self
+
     # ----------------------------------------------------------------------------- config
     def layer_config(self, part: str) -> Any:
-        """The core config for a module of ``part`` (``language`` or ``vision``)."""
+        """The core config for a module of ``part`` (``language`` or ``vision``).
+
+        Bi-VLM gets every shared knob (with the modifier's defaults). A baseline gets only the
+        shared knobs the recipe sets, under the baseline's own field names (its defaults are its
+        authors'); a set knob the baseline has no field for is an error, never dropped.
+        """
         _, config_cls = get_method(self.method)
+        fields = {f.name for f in dataclasses.fields(config_cls)}
+        values = {name: getattr(self, name) for name in _SHARED_KNOBS}
+        for name in ("p_sal_candidates", "p_sal_candidates_vision"):
+            if values[name] is not None:
+                values[name] = tuple(values[name])
         if self.method == "bivlm":
-            fields = {f.name for f in dataclasses.fields(config_cls)}
-            knobs = dict(
-                p_sal=self.p_sal_vision if part == "vision" else self.p_sal,
-                n_rings=self.n_rings,
-                stats=self.stats,
-                scale_mode=self.scale_mode,
-                mean_mode=self.mean_mode,
-                salient_select=self.salient_select,
-                salient_metric=self.salient_metric,
-                assign=self.assign,
-                refine_iters=self.refine_iters,
-                refine_weighted=self.refine_weighted,
-                refit_iters=self.refit_iters,
-                compensate=self.compensate,
-                block_size=self.block_size,
-                percdamp=self.dampening_frac,
-                p_sal_candidates=tuple(self.p_sal_candidates) if self.p_sal_candidates else None,
-                bit_budget=self.bit_budget,
-            )
-            knobs = {k: v for k, v in knobs.items() if k in fields}
-            knobs.update(self.method_args)
+            chosen = set(_SHARED_KNOBS)
         else:
-            knobs = dict(self.method_args)
+            chosen = set(_SHARED_KNOBS) & self.model_fields_set
+        unused = sorted(k for k in chosen if _SHARED_KNOBS[k] not in fields)
+        if unused:
+            accepted = sorted(k for k, core in _SHARED_KNOBS.items() if core in fields)
+            raise ValueError(
+                f"recipe field(s) {unused} are not used by method {self.method!r}; remove them. "
+                f"Fields it reads: {accepted}, plus method_args from {sorted(fields)}"
+            )
+        # Each part reads its own salient knobs; the vision encoder is held to bit_budget only
+        # when it searches shares of its own (p_sal_candidates_vision).
+        own = _VISION_KNOBS if part == "vision" else _LANGUAGE_KNOBS
+        knobs = {_SHARED_KNOBS[k]: values[k] for k in chosen if k not in _PART_KNOBS - own}
+        if part == "vision" and self.p_sal_candidates_vision is None and "bit_budget" in knobs:
+            knobs["bit_budget"] = None
+        if self.method != "bivlm":
+            clash = sorted(set(knobs) & set(self.method_args))
+            if clash:
+                raise ValueError(
+                    f"method_args {clash} repeat recipe fields of method {self.method!r}; "
+                    "set each once"
+                )
+        knobs.update(self.method_args)
         try:
             return config_cls(**knobs)
         except TypeError as exc:
-            names = sorted(f.name for f in dataclasses.fields(config_cls))
+            names = sorted(fields)
             raise ValueError(
                 f"method_args {sorted(self.method_args)} do not fit method {self.method!r} "
                 f"({exc}); its fields are {names}"
@@ -338,7 +396,10 @@ def register_modifiers() -> None:
         return
     from llmcompressor.modifiers.factory import ModifierFactory
 
+    from bivlm_plugin.integrations.llmcompressor.gptq import VisionTowerGPTQModifier
+
     ModifierFactory.register("BiVLMModifier", BiVLMModifier)
+    ModifierFactory.register("VisionTowerGPTQModifier", VisionTowerGPTQModifier)
     _REGISTERED = True
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -75,12 +76,15 @@ def quantize_model(
     fake_quant: bool = False,
     prune_ratio: float = 0.0,
     prune_score: str = "feature_norm",
+    calibration_text_tokens: int | None = None,
 ) -> dict[str, Any]:
     """Quantize a model folder with a recipe and save it (atomically) with a bit report.
 
     Text models calibrate on protocol P1's WikiText-2 windows (128 x 512 tokens); VLMs (a config
     with a ``vision_config``) on easy-VQA train image-question-answer triples (128 by default),
-    formatted with the processor's chat template.
+    formatted with the processor's chat template, each followed by ``calibration_text_tokens``
+    tokens of a P1 calibration window (WikiText-2 valid) so the language model's layers also see
+    plain text (see ``easy_vqa_calibration``).
 
     Args:
         overrides: field values set on every modifier of the recipe (``--set key=value``), e.g.
@@ -89,6 +93,8 @@ def quantize_model(
         prune_ratio, prune_score: visual-token pruning the checkpoint asks servers for
             (``bivlm_pruning`` in ``config.json``; vLLM applies it, a user can override it);
             0 writes nothing.
+        calibration_text_tokens: VLMs only: WikiText tokens appended to each calibration
+            triple (default ``VLM_CALIBRATION_TEXT_TOKENS``; 0: triples only).
 
     Returns:
         The report written to ``output/bivlm_report.json``.
@@ -111,9 +117,14 @@ def quantize_model(
             f"--prune-ratio: visual-token pruning is served for {list(SERVING_FAMILIES)}, not "
             f"model_type {config.model_type!r}; drop --prune-ratio"
         )
-    calib = (_vlm_calibration if is_vlm else _text_calibration)(
-        model_dir, data, num_calibration_samples
-    )
+    if is_vlm:
+        calib = _vlm_calibration(model_dir, data, num_calibration_samples, calibration_text_tokens)
+    elif calibration_text_tokens is not None:
+        raise ValueError(
+            "--calibration-text-tokens is for VLMs; text models calibrate on whole P1 windows"
+        )
+    else:
+        calib = _text_calibration(model_dir, data, num_calibration_samples)
 
     start = time.perf_counter()
     oneshot(
@@ -198,29 +209,45 @@ def _text_calibration(model_dir: Path, data, n: int | None) -> _Calibration:
 
 
 VLM_CALIBRATION_SAMPLES = 128
+# Chosen before any P2 figure with it was seen: half a P1 window per triple, so the language
+# model calibrates on about 3x more text tokens than image-prompt tokens (128 x 256 vs ~128 x 85).
+VLM_CALIBRATION_TEXT_TOKENS = 256
 
 
-def _vlm_calibration(model_dir: Path, data, n: int | None) -> _Calibration:
+def _vlm_calibration(
+    model_dir: Path, data, n: int | None, text_tokens: int | None = None
+) -> _Calibration:
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    if data is not None:
-        raise ValueError("--data is for text models (WikiText-2); VLMs calibrate on easy-VQA")
+    text_tokens = VLM_CALIBRATION_TEXT_TOKENS if text_tokens is None else text_tokens
+    if data is not None and not text_tokens:
+        raise ValueError(
+            "--data (WikiText-2) is read for VLMs only with --calibration-text-tokens N > 0; "
+            "otherwise they calibrate on easy-VQA alone"
+        )
     processor = AutoProcessor.from_pretrained(model_dir)
     if getattr(processor, "chat_template", None) is None:
         raise ValueError(
             f"the processor in {model_dir} has no chat template; VLM calibration formats each "
             "image-question-answer triple with it. Save the processor with a chat_template."
         )
-    dataset, longest = easy_vqa_calibration(processor, _check_count(n, VLM_CALIBRATION_SAMPLES))
+    dataset, longest = easy_vqa_calibration(
+        processor, _check_count(n, VLM_CALIBRATION_SAMPLES), text_tokens=text_tokens, data=data
+    )
     model = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=torch.bfloat16)
+    text = f", each followed by {text_tokens} tokens of a P1 calibration window"
     info = {
-        "data": "easy-VQA train, one triple per image (easy_vqa_calibration)",
+        "data": "easy-VQA train, one triple per image (easy_vqa_calibration)"
+        + (text if text_tokens else ""),
         "samples": len(dataset),
+        "text_tokens_per_sample": text_tokens,
     }
     return _Calibration(model, processor, dataset, collate_one, len(dataset), longest, info)
 
 
-def easy_vqa_calibration(processor, n: int = VLM_CALIBRATION_SAMPLES):
+def easy_vqa_calibration(
+    processor, n: int = VLM_CALIBRATION_SAMPLES, text_tokens: int = 0, data=None
+):
     """``n`` easy-VQA **train** image-question-answer triples, for ``oneshot``.
 
     One triple per image, for the first ``n`` train images in file order: image ``i`` with its
@@ -228,6 +255,12 @@ def easy_vqa_calibration(processor, n: int = VLM_CALIBRATION_SAMPLES):
     every question form appears). Each triple is formatted with the processor's chat template
     (user: image + question; assistant: answer) and encoded by the processor, exactly as the
     model will see it.
+
+    ``text_tokens > 0`` appends to sample ``i`` the first ``text_tokens`` tokens of P1
+    calibration window ``i`` (WikiText-2 valid; never the test split): the language model's
+    Hessians then cover plain text as well as image prompts, which keeps its text modelling (P1)
+    from collapsing. Every sample keeps its image, so llm-compressor's traced pipeline sees one
+    input signature.
 
     Returns:
         (dataset, max_seq_length): an HF ``Dataset`` of one encoded sample per row; pass it to
@@ -243,8 +276,9 @@ def easy_vqa_calibration(processor, n: int = VLM_CALIBRATION_SAMPLES):
     if not 0 < n <= len(by_image):
         raise ValueError(f"n must be in 1..{len(by_image)} (easy-VQA train images), got {n}")
     picked = [qs[i % len(qs)] for i, qs in enumerate(list(by_image.values())[:n])]
+    wiki = _text_windows(processor, n, text_tokens, data) if text_tokens else None
     rows = []
-    for item in tqdm(picked, desc="easy-VQA calibration", unit="sample"):
+    for i, item in enumerate(tqdm(picked, desc="easy-VQA calibration", unit="sample")):
         messages = [
             {
                 "role": "user",
@@ -253,10 +287,29 @@ def easy_vqa_calibration(processor, n: int = VLM_CALIBRATION_SAMPLES):
             {"role": "assistant", "content": [{"type": "text", "text": item.answer}]},
         ]
         text = processor.apply_chat_template(messages, tokenize=False)
-        enc = processor(text=text, images=[item.image()], return_tensors="pt")
+        enc = dict(processor(text=text, images=[item.image()], return_tensors="pt"))
+        if wiki is not None:
+            extra = wiki[i : i + 1]
+            enc["input_ids"] = torch.cat([enc["input_ids"], extra.to(enc["input_ids"])], dim=1)
+            enc["attention_mask"] = torch.cat(
+                [enc["attention_mask"], torch.ones_like(extra).to(enc["attention_mask"])], dim=1
+            )
         rows.append({k: v.tolist() for k, v in enc.items()})
     longest = max(len(r["input_ids"][0]) for r in rows)
     return Dataset.from_list(rows), longest
+
+
+def _text_windows(processor, n: int, text_tokens: int, data) -> torch.Tensor:
+    from bivlm_plugin.eval.data import P1, p1_windows
+
+    if not 0 < text_tokens <= P1.seqlen:
+        raise ValueError(
+            f"calibration text tokens must be in 1..{P1.seqlen} (a P1 window), got {text_tokens}"
+        )
+    windows = p1_windows(processor.tokenizer, "calib", data=data)
+    if n > windows.shape[0]:
+        raise ValueError(f"{n} samples need {n} P1 calibration windows, not {windows.shape[0]}")
+    return windows[:n, :text_tokens]
 
 
 def collate_one(batch: list[dict]) -> dict[str, torch.Tensor]:
@@ -362,6 +415,8 @@ def _save_atomically(
             report["checkpoint_keys"] = "published layout (format/serving_keys.py)"
         if in_features:
             _add_file_bits(report, _file_bits_by_module(model, tmp, in_features), in_features)
+        elif compressed:
+            report.update(compressed_tensors_file_bits(tmp))
         (tmp / "bivlm_report.json").write_text(json.dumps(report, indent=2) + "\n")
 
 
@@ -388,6 +443,38 @@ def _file_bits_by_module(model, folder: Path, in_features: dict[str, int]) -> di
         to_model[key] = renamed.removesuffix(".signs")
     stored_in = {k: in_features[m] for k, m in to_model.items() if m in in_features}
     return {to_model[k]: b for k, b in storage_bits_from_files(folder, stored_in).items()}
+
+
+def compressed_tensors_file_bits(folder: Path) -> dict[str, Any]:
+    """Stored bits per weight of llm-compressor's packed layers (``pack-quantized``), from the
+    safetensors files: every tensor saved under a module that has ``weight_packed`` (packed
+    codes, scales, zero points, the shape record), bias excepted, over the weights it encodes."""
+    from safetensors import safe_open
+
+    sizes: dict[str, int] = {}
+    shapes: dict[str, int] = {}
+    for file in sorted(Path(folder).glob("*.safetensors")):
+        with safe_open(str(file), "pt") as f:
+            for key in f.keys():
+                module, _, leaf = key.rpartition(".")
+                sl = f.get_slice(key)
+                numel = math.prod(sl.get_shape())
+                nbytes = numel * _DTYPE_BYTES[sl.get_dtype()]
+                if leaf == "weight_shape":
+                    shapes[module] = math.prod(int(v) for v in f.get_tensor(key).tolist())
+                if leaf != "bias":
+                    sizes[module] = sizes.get(module, 0) + nbytes
+    packed = sorted(shapes)
+    if not packed:
+        return {"storage_bits_from_files": None}
+    weights = sum(shapes[m] for m in packed)
+    return {
+        "packed_layers": len(packed),
+        "storage_bits_from_files": sum(sizes[m] for m in packed) * 8 / weights,
+    }
+
+
+_DTYPE_BYTES = {"F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1}
 
 
 def _add_file_bits(report: dict, bits: dict[str, float], in_features: dict[str, int]) -> None:

@@ -22,7 +22,7 @@ RECIPES = {
 
 
 def main(model_dir: str, out: str, n_windows: int | None = None) -> None:
-    from bivlm_plugin.integrations.llmcompressor.quantize import quantize_model
+    from bivlm_plugin.app.quantize import quantize_model
     from bivlm_plugin.utils import atomic_write_text, environment_info
 
     seconds = {}

@@ -62,3 +62,15 @@ def test_integrations_do_not_import_each_other() -> None:
             for name, line in _imports(path):
                 if name.startswith("bivlm_plugin.integrations."):
                     assert name.split(".")[2] == sub.name, f"{path}:{line} imports {name}"
+
+
+def test_integrations_hold_adapters_only() -> None:
+    """integrations/ adapts frameworks: it imports neither the application (app/, cli) nor the
+    evaluation harness (eval/); eval/ does not import integrations/ either."""
+    for path in (PKG / "integrations").rglob("*.py"):
+        for name, line in _imports(path):
+            bad = ("bivlm_plugin.eval", "bivlm_plugin.app", "bivlm_plugin.cli")
+            assert not name.startswith(bad), f"{path}:{line} imports {name}"
+    for path in (PKG / "eval").rglob("*.py"):
+        for name, line in _imports(path):
+            assert not name.startswith("bivlm_plugin.integrations"), f"{path}:{line} imports {name}"

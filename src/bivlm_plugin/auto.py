@@ -63,7 +63,7 @@ class _BiVLMAuto:
         Returns:
             The report also written to ``output/bivlm_report.json``.
         """
-        from bivlm_plugin.integrations.llmcompressor.quantize import quantize_model
+        from bivlm_plugin.app.quantize import quantize_model
 
         return quantize_model(model_dir, recipe, output, **kwargs)
 

@@ -7,6 +7,8 @@
     bivlm quantize --model DIR --recipe FILE --output DIR [--fake-quant]
     bivlm bench kernel --json FILE
     bivlm bench serve --model DIR --json FILE [--bf16 DIR] [--w4a16 DIR]
+    bivlm serve --model DIR [--prune-ratio R] [--port N]
+    bivlm demo [--recipe FILE] [--prune-ratio R]
 
 Heavy imports happen inside the commands so ``bivlm --help`` stays instant.
 """
@@ -148,7 +150,7 @@ def _cmd_eval_vqa(args: argparse.Namespace) -> int:
 
 def _cmd_quantize(args: argparse.Namespace) -> int:
     try:
-        from bivlm_plugin.integrations.llmcompressor.quantize import (
+        from bivlm_plugin.app.quantize import (
             parse_override,
             quantize_model,
         )
@@ -228,6 +230,55 @@ def _cmd_bench_serve(args: argparse.Namespace) -> int:
     if args.json:
         atomic_write_text(Path(args.json), json.dumps(res, indent=1) + "\n")
     return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from bivlm_plugin.app.main_job import MainJobConfig, run_main_job
+
+    cfg = MainJobConfig(
+        recipe=Path(args.recipe),
+        zoo=args.zoo,
+        prune_ratio=args.prune_ratio,
+        prune_score=args.prune_score,
+        question=args.question,
+        p2_limit=args.p2_limit,
+        work=Path(args.work) if args.work else None,
+    )
+    summary = run_main_job(cfg)
+    if args.json:
+        _write_eval_json(Path(args.json), Path(summary["packed"]), summary)
+    return 0
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    import time
+
+    from bivlm_plugin.app.serve import VllmServer
+    from bivlm_plugin.zoo.registry import cache_root
+
+    log = Path(args.log or cache_root() / "logs" / f"serve-{Path(args.model).name}.log")
+    server = VllmServer(
+        args.model,
+        log,
+        kv_cache_gib=args.kv_cache_gib,
+        port=args.port,
+        dtype=args.dtype,
+        max_model_len=args.max_model_len,
+        eager=not args.compiled,
+        prune_ratio=args.prune_ratio,
+        prune_score=args.prune_score,
+    )
+    print(f"starting vllm serve (log: {log}) ...", flush=True)
+    try:
+        with server:
+            print(f"serving {server.model} at {server.url}/v1 (Ctrl-C stops it)", flush=True)
+            while server._proc is not None and server._proc.poll() is None:
+                time.sleep(1)
+            print(f"vllm serve exited; see {log}", file=sys.stderr)
+            return 1
+    except KeyboardInterrupt:
+        print("stopped", file=sys.stderr)
+        return 130
 
 
 def _cmd_analyze_pruning(args: argparse.Namespace) -> int:
@@ -387,6 +438,80 @@ def build_parser() -> argparse.ArgumentParser:
         "mean_attention",
     )
     p.set_defaults(func=_cmd_quantize)
+
+    from bivlm_plugin.app.main_job import DEFAULT_PRUNE_RATIO, DEFAULT_PRUNE_SCORE, DEFAULT_RECIPE
+
+    p = sub.add_parser(
+        "demo",
+        help="the main job: build, quantize, evaluate, serve and answer an image question",
+        description="Builds the reference VLM, quantizes it with the default whole-VLM recipe, "
+        "measures P2 and P1 of both, serves the packed checkpoint with vllm serve (pruning on), "
+        "asks it one easy-VQA test question with its image, times it against the bf16 model "
+        "and prints a summary table. Every step is cached, so a second run only serves and "
+        "times. Example: bivlm demo --prune-ratio 0.75",
+    )
+    p.add_argument("--recipe", default=str(DEFAULT_RECIPE), help="recipe (default: %(default)s)")
+    p.add_argument(
+        "--prune-ratio",
+        type=float,
+        default=DEFAULT_PRUNE_RATIO,
+        help="share of image tokens the server prunes, in [0, 1) (default %(default)s)",
+    )
+    p.add_argument(
+        "--prune-score",
+        default=DEFAULT_PRUNE_SCORE,
+        help="text-agnostic score: feature_norm (default), cls_attention, mean_attention",
+    )
+    p.add_argument("--question", type=int, default=0, help="index of the P2 question to ask")
+    p.add_argument(
+        "--p2-limit", type=int, default=None, help="evaluate only the first N P2 questions"
+    )
+    p.add_argument(
+        "--zoo",
+        default="easyvqa-vlm",
+        help="reference VLM to build (default easyvqa-vlm; easyvqa-vlm-tiny for quick looks)",
+    )
+    p.add_argument("--work", help="cache folder (default: $BIVLM_HOME/main_job)")
+    p.add_argument("--json", help="also write the summary here")
+    p.set_defaults(func=_cmd_demo)
+
+    p = sub.add_parser(
+        "serve",
+        help="vllm serve with the plugin on 127.0.0.1, settings that start on a small machine",
+        description="Starts vLLM's OpenAI-compatible server on a model folder (packed bivlm-binary "
+        "or dense) with the plugin loaded, waits until it answers, prints the URL, and stops it "
+        "on Ctrl-C. Example: bivlm serve --model OUT --prune-ratio 0.75",
+    )
+    p.add_argument("--model", required=True, help="model folder (bivlm quantize output or dense)")
+    p.add_argument("--port", type=int, default=None, help="port on 127.0.0.1 (default: a free one)")
+    p.add_argument(
+        "--kv-cache-gib",
+        type=int,
+        default=1,
+        help="GiB of KV cache (VLLM_CPU_KVCACHE_SPACE; vLLM's own default asks for 92%% of "
+        "NUMA node 0's memory and fails to start on small machines); default 1",
+    )
+    p.add_argument("--max-model-len", type=int, default=512, help="context length (default 512)")
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    p.add_argument(
+        "--compiled",
+        action="store_true",
+        help="let vLLM compile graphs (slower start, faster decode); default eager",
+    )
+    p.add_argument(
+        "--prune-ratio",
+        type=float,
+        default=None,
+        help="VLMs: override the checkpoint's visual-token pruning ratio, in [0, 1) (0: off)",
+    )
+    p.add_argument(
+        "--prune-score",
+        default=None,
+        help="text-agnostic score with --prune-ratio: feature_norm (default), cls_attention, "
+        "mean_attention",
+    )
+    p.add_argument("--log", help="server log file (default: $BIVLM_HOME/logs/serve-NAME.log)")
+    p.set_defaults(func=_cmd_serve)
 
     analyze = sub.add_parser("analyze", help="studies").add_subparsers(
         dest="analyze_command", required=True

@@ -206,7 +206,7 @@ def test_each_layer_is_calibrated_on_quantized_predecessors(tiny_llama_dir, tiny
     [
         "import bivlm_plugin; import llmcompressor",
         "import llmcompressor; import bivlm_plugin",
-        "import bivlm_plugin.integrations.llmcompressor.quantize",
+        "import bivlm_plugin.app.quantize",
         "import bivlm_plugin.integrations.llmcompressor.modifier",
     ],
 )

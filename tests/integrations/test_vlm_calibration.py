@@ -23,8 +23,8 @@ def processor(tmp_path_factory):
 
 
 def test_text_tokens_follow_each_triple(processor) -> None:
+    from bivlm_plugin.app.quantize import collate_one, easy_vqa_calibration
     from bivlm_plugin.eval.data import p1_windows
-    from bivlm_plugin.integrations.llmcompressor.quantize import collate_one, easy_vqa_calibration
 
     plain, longest = easy_vqa_calibration(processor, 3)
     mixed, longest_mixed = easy_vqa_calibration(processor, 3, text_tokens=16)
@@ -42,7 +42,7 @@ def test_text_tokens_follow_each_triple(processor) -> None:
 
 @pytest.mark.parametrize("tokens", [-1, 513])
 def test_text_token_count_is_checked(processor, tokens: int) -> None:
-    from bivlm_plugin.integrations.llmcompressor.quantize import easy_vqa_calibration
+    from bivlm_plugin.app.quantize import easy_vqa_calibration
 
     with pytest.raises(ValueError, match=f"must be in 1..512.*got {tokens}"):
         easy_vqa_calibration(processor, 2, text_tokens=tokens)

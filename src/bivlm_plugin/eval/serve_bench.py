@@ -88,7 +88,7 @@ def build_w4a16(source: Path, output: Path, num_calibration_samples: int = 8) ->
     """The W4A16 (RTN, group 64) peer of ``source`` in ``output`` (built once, atomically)."""
     import yaml
 
-    from bivlm_plugin.integrations.llmcompressor.quantize import quantize_model
+    from bivlm_plugin.app.quantize import quantize_model
 
     if (output / "config.json").is_file():
         return output

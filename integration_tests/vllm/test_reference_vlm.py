@@ -95,8 +95,8 @@ def test_python_oneshot_path(tiny_ref: Path, tmp_path: Path) -> None:
     from llmcompressor import oneshot
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
+    from bivlm_plugin.app.quantize import collate_one, easy_vqa_calibration
     from bivlm_plugin.format.serving_keys import rewrite_checkpoint_keys
-    from bivlm_plugin.integrations.llmcompressor.quantize import collate_one, easy_vqa_calibration
     from bivlm_plugin.integrations.transformers.linear import BinaryLinear
 
     processor = AutoProcessor.from_pretrained(tiny_ref)

@@ -147,7 +147,7 @@ def test_optimum_style_entry_point(packed_llama, tiny_llama_dir) -> None:
 
 
 def test_save_is_atomic(tmp_path) -> None:
-    from bivlm_plugin.integrations.llmcompressor.quantize import _save_atomically
+    from bivlm_plugin.app.quantize import _save_atomically
 
     class Boom:
         def save_pretrained(self, path, **kwargs):

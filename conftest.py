@@ -1,4 +1,5 @@
-"""Shared fixtures: tiny models and tokenizers built in-process (no network, no hub)."""
+"""Fixtures shared by tests/ (unit) and integration_tests/ (end to end): tiny models and
+tokenizers built in-process (no network, no hub)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parent
 WIKITEXT = REPO.parent / "shared" / "data" / "wikitext-2"
 
 

@@ -34,27 +34,11 @@ def vllm_serve(
 
 
 def image_chat_body(model: str, png: bytes, question: str, max_tokens: int) -> dict:
-    """An OpenAI chat request: one inline PNG (data URL) and a question; greedy, exactly
-    ``max_tokens`` tokens (``ignore_eos``), token ids returned."""
-    import base64
+    """An OpenAI chat request: one inline PNG and a question; greedy, exactly ``max_tokens``
+    tokens (``ignore_eos``), token ids returned."""
+    from bivlm_plugin.app.serve import image_chat_body as body
 
-    url = "data:image/png;base64," + base64.b64encode(png).decode()
-    return {
-        "model": model,
-        "messages": [
-            {
-                "role": "user",
-                "content": [
-                    {"type": "image_url", "image_url": {"url": url}},
-                    {"type": "text", "text": question},
-                ],
-            }
-        ],
-        "max_tokens": max_tokens,
-        "temperature": 0.0,
-        "ignore_eos": True,
-        "return_token_ids": True,
-    }
+    return body(model, png, question, max_tokens, ignore_eos=True, return_token_ids=True)
 
 
 def run_vlm_runner(

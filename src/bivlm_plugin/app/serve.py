@@ -26,7 +26,14 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-__all__ = ["VllmServer", "chat_image", "free_port", "post_json", "server_command"]
+__all__ = [
+    "VllmServer",
+    "chat_image",
+    "free_port",
+    "image_chat_body",
+    "post_json",
+    "server_command",
+]
 
 DEFAULT_KV_CACHE_GIB = 1
 DEFAULT_MAX_MODEL_LEN = 512
@@ -163,12 +170,12 @@ def post_json(url: str, payload: dict, timeout_s: float = 300) -> dict:
         return json.loads(resp.read())
 
 
-def chat_image(
-    url: str, model: str, png: bytes, question: str, max_tokens: int = 8, **extra: Any
-) -> dict:
-    """One OpenAI chat request with an inline PNG and a question, greedy; the JSON answer."""
+def image_chat_body(
+    model: str, png: bytes, question: str, max_tokens: int = 8, **extra: Any
+) -> dict[str, Any]:
+    """An OpenAI chat request body: one inline PNG (data URL) and a question, greedy."""
     data_url = "data:image/png;base64," + base64.b64encode(png).decode()
-    body = {
+    return {
         "model": model,
         "messages": [
             {
@@ -183,4 +190,11 @@ def chat_image(
         "temperature": 0.0,
         **extra,
     }
+
+
+def chat_image(
+    url: str, model: str, png: bytes, question: str, max_tokens: int = 8, **extra: Any
+) -> dict:
+    """One image chat request to a server at ``url``; its JSON answer."""
+    body = image_chat_body(model, png, question, max_tokens, **extra)
     return post_json(f"{url}/v1/chat/completions", body)

@@ -3,37 +3,67 @@
 
 Image tokens are pruned after the vision tower and projector, before the language model
 (DESIGN.md section 1.5): the image features are scored (``pruning/scores.py``), the top
-``1 - prune_ratio`` are kept in their original order, their placeholders stay in the prompt and
-the others are removed, and the language model runs on the shortened sequence (positions are
-renumbered: LLaVA's positions are 1-D, so a kept token takes the next position).
+``1 - prune_ratio`` of each image are kept in their original order, their placeholders stay in
+the prompt and the others are removed, and the language model runs on the shortened sequence.
 
-Scores: ``cls_attention`` / ``mean_attention`` (the vision tower's last layer, text-agnostic),
-``feature_norm`` (projector output, text-agnostic) and ``text_attention`` (FastV-style: the
-attention the prompt's text after the image gives each image token at an early language-model
-layer; costs one extra prefill pass with eager attention).
+Families and scores:
 
-Families: LLaVA. Qwen2-VL and Idefics3 are not done yet: Qwen2-VL needs each kept token's
-original M-RoPE position carried into ``generate``'s cached decoding, Idefics3's pixel shuffle
-merges four patches per token and its SigLIP tower has no CLS token; both fail with a message.
+- LLaVA (``llava``): ``cls_attention`` / ``mean_attention`` (the vision tower's last layer),
+  ``feature_norm`` (projector output) and ``text_attention`` (FastV-style: the attention the
+  prompt's text after the image gives each image token at an early language-model layer; one
+  extra prefill pass with eager attention). Positions are 1-D and renumbered: a kept token
+  takes the next position.
+- Qwen2-VL (``qwen2_vl``) and Qwen2.5-VL (``qwen2_5_vl``): ``feature_norm`` (the merger's
+  output, one score per merged 2x2 token), ``mean_attention`` (the attention each patch
+  receives in the vision tower's last block, averaged over the merged token's patches; for
+  Qwen2.5-VL only when that block has full, not windowed, attention) and ``text_attention``.
+  ``cls_attention`` fails: these towers have no CLS token. Positions are NOT renumbered: the
+  full prompt's 3-D M-RoPE positions come from the model's own ``get_rope_index``, and each
+  kept token (image or text) keeps its original (temporal, height, width) position. They are
+  passed to ``generate`` as ``position_ids`` (4, B, T'): row 0 the text positions of the
+  shortened sequence (what transformers uses for masks), rows 1-3 the original 3-D positions;
+  ``generate`` continues each row with last + 1, exactly as it does for the unpruned prompt,
+  so new tokens sit at max(original position) + 1, ... . ``model.model.rope_deltas`` is set to
+  max(original position) + 1 - (pruned prompt length), so a forward that derives positions
+  from the cache length (no ``position_ids``) lands on the same positions.
+- Idefics3 and other families fail with a message (Idefics3's pixel shuffle merges four patches
+  per token and its SigLIP tower has no CLS token; not done).
 
 Non-goals: pruning inside the language model (FastV's layer-K dropping); video.
 """
 
 from __future__ import annotations
 
+import itertools
+import sys
 from typing import Any
 
 import torch
 
-from bivlm_plugin.pruning.scores import SCORES, keep_count, keep_indices
+from bivlm_plugin.pruning.scores import SCORES, keep_count, keep_indices, mean_attention_scores
 
-__all__ = ["FASTV_LAYER", "SUPPORTED_FAMILIES", "generate_with_pruning", "prune_inputs"]
+__all__ = [
+    "FAMILY_SCORES",
+    "FASTV_LAYER",
+    "SUPPORTED_FAMILIES",
+    "generate_with_pruning",
+    "prune_inputs",
+    "pruned_position_ids",
+]
 
-SUPPORTED_FAMILIES = ("llava",)
+QWEN_FAMILIES = ("qwen2_vl", "qwen2_5_vl")
+SUPPORTED_FAMILIES = ("llava", *QWEN_FAMILIES)
+# The scores each family can compute (model_type -> names in ``SCORES``).
+FAMILY_SCORES = {
+    "llava": ("cls_attention", "mean_attention", "feature_norm", "text_attention"),
+    "qwen2_vl": ("feature_norm", "mean_attention", "text_attention"),
+    "qwen2_5_vl": ("feature_norm", "mean_attention", "text_attention"),
+}
+_WHY_NOT = {"cls_attention": "its vision tower has no CLS token"}
 FASTV_LAYER = 2  # FastV's K: the attention of decoder layer 2 (0-based; the last if fewer)
 
 
-def _check(model, prune_ratio: float, prune_score: str) -> None:
+def _check(model, prune_ratio: float, prune_score: str) -> str:
     family = getattr(model.config, "model_type", None)
     if family not in SUPPORTED_FAMILIES:
         raise ValueError(
@@ -42,7 +72,14 @@ def _check(model, prune_ratio: float, prune_score: str) -> None:
         )
     if prune_score not in SCORES:
         raise ValueError(f"unknown prune score {prune_score!r}; choose one of {sorted(SCORES)}")
+    if prune_score not in FAMILY_SCORES[family]:
+        why = _WHY_NOT.get(prune_score, "not implemented for it")
+        raise ValueError(
+            f"{family} pruning cannot use prune score {prune_score!r} ({why}); "
+            f"use one of {list(FAMILY_SCORES[family])}"
+        )
     keep_count(1, prune_ratio)  # the one range check: names the ratio and the range
+    return family
 
 
 def _attention_probs(q: torch.Tensor, k: torch.Tensor, n_heads: int, scale: float):
@@ -74,43 +111,37 @@ def _llava_image_features(model, pixel_values: torch.Tensor, need_attention: boo
     return feats, attn
 
 
-def _text_attention(model, ids, mask, feats) -> torch.Tensor:
-    """FastV-style scores: (B, N) attention the text after the image gives each image token at
-    decoder layer ``FASTV_LAYER``, from a prefill pass on the unpruned prompt."""
-    image = ids == model.config.image_token_id
-    embeds = model.get_input_embeddings()(ids)
-    embeds = embeds.masked_scatter(image.unsqueeze(-1), feats.to(embeds.dtype))
-    lm = model.model.language_model
+def _lm_attention(lm, embeds, mask, position_ids=None):
+    """The language model's attention at decoder layer ``FASTV_LAYER`` (B, H, T, T), eager."""
     previous = lm.config._attn_implementation
     lm.config._attn_implementation = "eager"  # attention weights are returned by eager only
     try:
-        out = lm(inputs_embeds=embeds, attention_mask=mask, output_attentions=True)
+        out = lm(
+            inputs_embeds=embeds,
+            attention_mask=mask,
+            position_ids=position_ids,
+            output_attentions=True,
+        )
     finally:
         lm.config._attn_implementation = previous
-    attn = out.attentions[min(FASTV_LAYER, len(out.attentions) - 1)]
-    last_image = torch.where(image, torch.arange(ids.shape[1]), -1).max(1, keepdim=True).values
-    text = (torch.arange(ids.shape[1]) > last_image) & mask.bool()
+    return out.attentions[min(FASTV_LAYER, len(out.attentions) - 1)]
+
+
+def _text_attention(model, ids, mask, feats, position_ids=None) -> torch.Tensor:
+    """FastV-style scores: (B, N) attention the text after the image gives each image token at
+    decoder layer ``FASTV_LAYER``, from a prefill pass on the unpruned prompt (``feats``: the
+    image features in the order of the image tokens, (B, N, D) or (B * N, D))."""
+    image = ids == model.config.image_token_id
+    embeds = model.get_input_embeddings()(ids)
+    embeds = embeds.masked_scatter(image.unsqueeze(-1), feats.to(embeds.dtype))
+    attn = _lm_attention(model.model.language_model, embeds, mask, position_ids)
+    where = torch.arange(ids.shape[1], device=ids.device)
+    last_image = torch.where(image, where, -1).max(1, keepdim=True).values
+    text = (where > last_image) & mask.bool()
     return SCORES["text_attention"].fn(attn, image, text)
 
 
-@torch.inference_mode()
-def prune_inputs(
-    model, inputs: dict[str, torch.Tensor], prune_ratio: float, prune_score: str = "cls_attention"
-) -> dict[str, Any]:
-    """The language-model inputs of a pruned prompt batch.
-
-    Args:
-        model: a transformers LLaVA (dense or packed).
-        inputs: the processor's output: ``input_ids`` (B, T), ``attention_mask`` (B, T),
-            ``pixel_values`` (B, 3, H, W), one image per prompt.
-        prune_ratio: share of each image's tokens to drop, in [0, 1).
-        prune_score: a name in ``pruning.scores.SCORES``.
-
-    Returns:
-        ``inputs_embeds`` (B, T - N + k, D), ``attention_mask`` (B, T - N + k) and ``kept``
-        (B, k) int64, the kept image-token indices in original order.
-    """
-    _check(model, prune_ratio, prune_score)
+def _prune_llava(model, inputs, prune_ratio: float, prune_score: str) -> dict[str, Any]:
     ids, pixels = inputs["input_ids"], inputs["pixel_values"]
     mask = inputs.get("attention_mask", torch.ones_like(ids))
     image = ids == model.config.image_token_id
@@ -145,6 +176,235 @@ def prune_inputs(
     }
 
 
+# --- Qwen2-VL / Qwen2.5-VL ------------------------------------------------------------------
+
+
+def _qwen_image_features(model, pixels, grid, need_attention: bool):
+    """The model's own image path (``get_image_features``): a list of per-image features
+    (N_i, D), image token order; and, if asked, the last vision block's attention, one
+    (1, H, L, L) float32 matrix per attention segment (one image), in the block's token order
+    (Qwen2.5-VL's window-permuted order), recomputed from that block's input."""
+    visual = model.model.visual
+    block = visual.blocks[-1]
+    captured: dict[str, Any] = {}
+
+    def grab(module, args, kwargs):
+        captured["hidden"] = args[0] if args else kwargs["hidden_states"]
+        captured["cu_seqlens"] = kwargs["cu_seqlens"] if "cu_seqlens" in kwargs else args[1]
+        captured["rope"] = kwargs["position_embeddings"]
+
+    handle = block.register_forward_pre_hook(grab, with_kwargs=True) if need_attention else None
+    try:
+        feats = list(model.model.get_image_features(pixels, grid).pooler_output)
+    finally:
+        if handle is not None:
+            handle.remove()
+    if not need_attention:
+        return feats, None
+    sa = block.attn
+    x = block.norm1(captured["hidden"])
+    q, k, _ = sa.qkv(x).reshape(x.shape[0], 3, sa.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
+    rotary = sys.modules[type(sa).__module__].apply_rotary_pos_emb_vision
+    q, k = rotary(q, k, *captured["rope"])
+    bounds = captured["cu_seqlens"].tolist()
+    attn = []
+    for a, b in itertools.pairwise(bounds):
+        qa, ka = q[a:b].transpose(0, 1).float(), k[a:b].transpose(0, 1).float()
+        attn.append(torch.softmax(qa @ ka.transpose(-1, -2) * sa.scaling, dim=-1)[None])
+    return feats, attn
+
+
+def _qwen_mean_attention(model, grid, attn) -> list[torch.Tensor]:
+    """Per-image (N_i,) scores: the attention each patch receives in the last vision block
+    (``mean_attention_scores``, no CLS), averaged over the patches merged into one token."""
+    visual = model.model.visual
+    unit = visual.spatial_merge_size**2
+    received = torch.cat([mean_attention_scores(a, drop_cls=False)[0] for a in attn])
+    merged = received.view(-1, unit).mean(-1)  # the block's token order, one per merged token
+    if model.config.model_type == "qwen2_5_vl":
+        from transformers.vision_utils import get_vision_window_index
+
+        window_index, _ = get_vision_window_index(
+            grid,
+            spatial_merge_size=visual.spatial_merge_size,
+            window_size=visual.window_size,
+            patch_size=visual.patch_size,
+        )
+        merged = merged[torch.argsort(window_index.to(merged.device))]
+    return list(merged.split((grid.prod(-1) // unit).tolist()))
+
+
+def _qwen_check_mean_attention(model) -> None:
+    visual = model.model.visual
+    last = len(visual.blocks) - 1
+    if model.config.model_type == "qwen2_5_vl" and last not in list(visual.fullatt_block_indexes):
+        raise ValueError(
+            "qwen2_5_vl mean_attention needs full attention in the vision tower's last block "
+            f"(fullatt_block_indexes {list(visual.fullatt_block_indexes)}, last block {last}); "
+            "use feature_norm or text_attention"
+        )
+
+
+def _qwen_position_ids(model, inputs) -> tuple[torch.Tensor, torch.Tensor]:
+    """The unpruned prompt's 3-D M-RoPE positions (3, B, T) and rope deltas (B, 1), from the
+    model's own ``get_rope_index`` (padding, marked by ``attention_mask``, gets 0)."""
+    ids = inputs["input_ids"]
+    mask = inputs.get("attention_mask", torch.ones_like(ids))
+    types = inputs.get("mm_token_type_ids")
+    if types is None:
+        types = (ids == model.config.image_token_id).long()
+    return model.model.get_rope_index(
+        ids, mm_token_type_ids=types, image_grid_thw=inputs["image_grid_thw"], attention_mask=mask
+    )
+
+
+def pruned_position_ids(
+    positions: torch.Tensor, keep_tokens: torch.Tensor, attention_mask: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Positions of a pruned Qwen2-VL prompt for ``generate``.
+
+    Args:
+        positions: (3, B, T) the unpruned prompt's M-RoPE positions (``get_rope_index``).
+        keep_tokens: (B, T) bool, True at the tokens that stay; the same count in every row.
+        attention_mask: (B, T) the unpruned prompt's mask.
+
+    Returns:
+        ``position_ids`` (4, B, T'): row 0 the text positions of the pruned sequence
+        (cumulative mask - 1, 0 on padding: what transformers builds masks from), rows 1-3 the
+        ORIGINAL 3-D positions of the kept tokens; and ``rope_deltas`` (B, 1):
+        max(original position) + 1 - (kept non-padding tokens), the offset from the pruned
+        cache length to the next position.
+    """
+    b = keep_tokens.shape[0]
+    kept = positions[:, keep_tokens].view(3, b, -1)
+    mask = attention_mask[keep_tokens].view(b, -1)
+    text = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
+    position_ids = torch.cat([text[None].to(kept.dtype), kept], dim=0)
+    valid = mask.bool()[None].expand_as(kept)
+    top = torch.where(valid, kept, torch.zeros_like(kept)).amax(dim=(0, 2))
+    rope_deltas = (top + 1 - mask.long().sum(-1)).unsqueeze(1)
+    return position_ids, rope_deltas
+
+
+def _qwen_scores(model, inputs, prune_score: str, feats, attn, positions) -> list[torch.Tensor]:
+    grid = inputs["image_grid_thw"]
+    if prune_score == "feature_norm":
+        return [SCORES["feature_norm"].fn(f[None])[0] for f in feats]
+    if prune_score == "mean_attention":
+        return _qwen_mean_attention(model, grid, attn)
+    ids = inputs["input_ids"]
+    mask = inputs.get("attention_mask", torch.ones_like(ids))
+    scores = _text_attention(model, ids, mask, torch.cat(feats), positions)  # (B, N per row)
+    unit = model.model.visual.spatial_merge_size**2
+    return list(scores.reshape(-1).split((grid.prod(-1) // unit).tolist()))
+
+
+def _prune_qwen(
+    model,
+    inputs,
+    prune_ratio: float,
+    prune_score: str,
+    keep_image: list[torch.Tensor] | None = None,
+) -> dict[str, Any]:
+    """Qwen2-VL / Qwen2.5-VL; ``keep_image`` (one (N_i,) bool mask per image) replaces the
+    score's choice when given (tests)."""
+    if inputs.get("pixel_values_videos") is not None:
+        raise ValueError("visual-token pruning handles images only, not pixel_values_videos")
+    ids, grid = inputs["input_ids"], inputs.get("image_grid_thw")
+    if grid is None or inputs.get("pixel_values") is None:
+        raise ValueError(
+            "Qwen2-VL pruning needs pixel_values and image_grid_thw (one image or more)"
+        )
+    mask = inputs.get("attention_mask", torch.ones_like(ids))
+    image_id = model.config.image_token_id
+    image = ids == image_id
+    unit = model.model.visual.spatial_merge_size**2
+    n_per_image = (grid.prod(-1) // unit).tolist()
+    if int(image.sum()) != sum(n_per_image):
+        raise ValueError(
+            f"the prompts hold {int(image.sum())} image tokens but image_grid_thw "
+            f"{grid.tolist()} gives {sum(n_per_image)} (t*h*w/{unit} per image)"
+        )
+    if bool((ids[:, -1] == image_id).any()):
+        raise ValueError(
+            "a prompt ends in an image token; Qwen2-VL closes an image with <|vision_end|>"
+        )
+    need_attention = keep_image is None and prune_score == "mean_attention"
+    if need_attention:
+        _qwen_check_mean_attention(model)
+    feats, attn = _qwen_image_features(model, inputs["pixel_values"], grid, need_attention)
+    positions, _ = _qwen_position_ids(model, inputs)
+    if keep_image is None:
+        scores = _qwen_scores(model, inputs, prune_score, feats, attn, positions)
+        keep_image = []
+        for s in scores:
+            keep = torch.zeros(s.shape[0], dtype=torch.bool, device=s.device)
+            keep_image.append(keep.scatter_(0, keep_indices(s[None], prune_ratio)[0], True))
+    flat = torch.cat(list(keep_image)).to(ids.device)
+    keep_tokens = ~image
+    keep_tokens[image] = flat
+    counts = keep_tokens.sum(1)
+    if bool((counts != counts[0]).any()):
+        raise ValueError(
+            "pruning keeps a different number of tokens per prompt "
+            f"({counts.tolist()}); batch prompts whose images have the same grid"
+        )
+    b = ids.shape[0]
+    new_ids = ids[keep_tokens].view(b, -1)
+    embeds = model.get_input_embeddings()(new_ids)
+    kept_feats = torch.cat([f[k.to(f.device)] for f, k in zip(feats, keep_image, strict=True)])
+    embeds = embeds.masked_scatter((new_ids == image_id).unsqueeze(-1), kept_feats.to(embeds.dtype))
+    position_ids, rope_deltas = pruned_position_ids(positions, keep_tokens, mask)
+    return {
+        "inputs_embeds": embeds,
+        "attention_mask": mask[keep_tokens].view(b, -1),
+        "position_ids": position_ids,
+        "rope_deltas": rope_deltas,
+        "keep_tokens": keep_tokens,
+        "kept": [torch.nonzero(k).flatten() for k in keep_image],
+    }
+
+
+@torch.inference_mode()
+def prune_inputs(
+    model, inputs: dict[str, torch.Tensor], prune_ratio: float, prune_score: str = "cls_attention"
+) -> dict[str, Any]:
+    """The language-model inputs of a pruned prompt batch.
+
+    Args:
+        model: a transformers LLaVA (dense or packed), Qwen2-VL or Qwen2.5-VL.
+        inputs: the processor's output. LLaVA: ``input_ids`` (B, T), ``attention_mask``
+            (B, T), ``pixel_values`` (B, 3, H, W), one image per prompt. Qwen: ``input_ids``,
+            ``attention_mask`` (left padding allowed), ``pixel_values`` (patches, C),
+            ``image_grid_thw`` (images, 3), optionally ``mm_token_type_ids``; any number of
+            images per prompt, as long as every prompt keeps the same number of tokens.
+        prune_ratio: share of each image's tokens to drop, in [0, 1) (0 keeps them all).
+        prune_score: a name in ``pruning.scores.SCORES`` the family supports
+            (``FAMILY_SCORES``).
+
+    Returns:
+        ``inputs_embeds`` (B, T', D) and ``attention_mask`` (B, T'), T' = T - pruned tokens;
+        ``kept``: LLaVA (B, k) int64, Qwen a list of per-image (k_i,) int64, the kept
+        image-token indices in original order. Qwen adds ``position_ids`` (4, B, T') and
+        ``rope_deltas`` (B, 1) (``pruned_position_ids``) and ``keep_tokens`` (B, T) bool.
+    """
+    family = _check(model, prune_ratio, prune_score)
+    if family in QWEN_FAMILIES:
+        return _prune_qwen(model, inputs, prune_ratio, prune_score)
+    return _prune_llava(model, inputs, prune_ratio, prune_score)
+
+
+def _generate_pruned(model, pruned: dict[str, Any], **generate_kwargs) -> torch.Tensor:
+    """``generate`` on ``prune_inputs``' output: the new tokens (B, new)."""
+    kwargs = {"inputs_embeds": pruned["inputs_embeds"], "attention_mask": pruned["attention_mask"]}
+    if "position_ids" in pruned:
+        # generate keeps explicit position_ids and extends each row by last + 1 per new token;
+        # rope_deltas serves a later forward that derives positions from the cache length.
+        kwargs["position_ids"] = pruned["position_ids"]
+        model.model.rope_deltas = pruned["rope_deltas"]
+    return model.generate(**kwargs, **generate_kwargs)
+
+
 @torch.inference_mode()
 def generate_with_pruning(
     model,
@@ -166,8 +426,4 @@ def generate_with_pruning(
         out = model.generate(**inputs, **generate_kwargs)
         return out[:, inputs["input_ids"].shape[1] :]
     pruned = prune_inputs(model, inputs, prune_ratio, prune_score)
-    return model.generate(
-        inputs_embeds=pruned["inputs_embeds"],
-        attention_mask=pruned["attention_mask"],
-        **generate_kwargs,
-    )
+    return _generate_pruned(model, pruned, **generate_kwargs)

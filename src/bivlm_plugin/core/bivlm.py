@@ -43,6 +43,7 @@ from .binarize import (
     round_params_fp16,
 )
 from .bits import count_bits
+from .checks import require_finite
 from .compensate import gptq_compensate
 from .hessian import inverse_cholesky
 from .partition import SALIENT_SELECT_MODES, STATS_MODES, partition, row_stats, saliency_score
@@ -176,14 +177,30 @@ def _check_inputs(weight: torch.Tensor, hessian: torch.Tensor | None) -> None:
         raise ValueError(f"weight must be a non-empty 2-D (out, in) tensor, got {shape}")
     if not torch.is_floating_point(weight):
         raise ValueError(f"weight must be a float tensor, got dtype {weight.dtype}")
-    if not bool(torch.isfinite(weight).all()):
-        raise ValueError("weight contains NaN or inf; quantize a finite weight")
+    require_finite(
+        weight.detach().to(torch.float32),
+        "bivlm: weight",
+        "quantize a finite weight (check the checkpoint: a diverged fine-tune or an fp16 "
+        "overflow leaves NaN / inf)",
+    )
+    if hessian is None:
+        return
+    if not isinstance(hessian, torch.Tensor):
+        raise ValueError(
+            f"bivlm: hessian must be a torch.Tensor or None, got {type(hessian).__name__}"
+        )
     in_f = weight.shape[1]
-    if hessian is not None and tuple(hessian.shape) != (in_f, in_f):
+    if tuple(hessian.shape) != (in_f, in_f):
         raise ValueError(
             f"hessian must be (in, in) = ({in_f}, {in_f}) for weight {tuple(weight.shape)}, "
             f"got {tuple(hessian.shape)}"
         )
+    require_finite(
+        hessian.detach().to(torch.float32),
+        f"bivlm: hessian of weight {tuple(weight.shape)}",
+        "check the calibration inputs (NaN / inf activations, e.g. an fp16 overflow in the "
+        "model) or pass hessian=None",
+    )
 
 
 def _compensate(

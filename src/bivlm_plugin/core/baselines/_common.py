@@ -15,6 +15,7 @@ from collections.abc import Callable
 
 import torch
 
+from bivlm_plugin.core.checks import require_finite
 from bivlm_plugin.core.compensate import gptq_compensate, output_error
 from bivlm_plugin.core.hessian import inverse_cholesky
 
@@ -102,8 +103,12 @@ def check_weight(weight: torch.Tensor, method: str) -> torch.Tensor:
     if not weight.is_floating_point():
         raise ValueError(f"{method}: weight must be floating point, got dtype {weight.dtype}")
     w = weight.detach().to(torch.float32)
-    if not torch.isfinite(w).all():
-        raise ValueError(f"{method}: weight contains NaN or Inf; check the checkpoint")
+    require_finite(
+        w,
+        f"{method}: weight",
+        "quantize a finite weight (check the checkpoint: a diverged fine-tune or an fp16 "
+        "overflow leaves NaN / inf)",
+    )
     return w
 
 
@@ -124,8 +129,11 @@ def check_hessian(
             "(HessianAccumulator(in_features))"
         )
     h = hessian.detach().to(torch.float32)
-    if not torch.isfinite(h).all():
-        raise ValueError(f"{method}: hessian contains NaN or Inf; check the calibration inputs")
+    require_finite(
+        h,
+        f"{method}: hessian",
+        "check the calibration inputs (NaN / inf activations, e.g. an fp16 overflow in the model)",
+    )
     return h
 
 

@@ -51,13 +51,17 @@ class BiVLMHfQuantizer(HfQuantizer):
                     "incomplete or was written for another architecture"
                 )
             try:
-                in_features = model.get_submodule(name).in_features
+                linear = model.get_submodule(name)
+                in_features, out_features = linear.in_features, linear.out_features
             except AttributeError as exc:
                 raise ValueError(
                     f"quantization_config targets {name!r}, which the model has no linear for"
                 ) from exc
-            entries = stored[name]
-            modules[name] = (layout_from_header(entries, in_features, name), "bias" in entries)
+            key, entries = stored[name]  # key: the module's name in the files
+            # Every packed tensor is checked (names, shapes, dtypes) before any is loaded, so a
+            # corrupt checkpoint fails here naming the tensor, never half-loaded.
+            layout = layout_from_header(entries, in_features, key, out_features)
+            modules[name] = (layout, "bias" in entries)
         replaced = replace_with_binary_linear(
             model, modules, bias_dtype=kwargs.get("dtype") or getattr(model, "dtype", None)
         )
@@ -95,8 +99,8 @@ class BiVLMHfQuantizer(HfQuantizer):
         return True
 
 
-def _as_model_names(model, stored: dict[str, Any]) -> dict[str, Any]:
-    """Re-key stored modules by the model's module names.
+def _as_model_names(model, stored: dict[str, Any]) -> dict[str, tuple[str, Any]]:
+    """Re-key stored modules by the model's module names: ``name -> (key in the files, entries)``.
 
     transformers saves some models (LLaVA, ...) under their original checkpoint names
     (``language_model.model.layers...``) and renames keys while loading; apply the same renaming
@@ -115,5 +119,5 @@ def _as_model_names(model, stored: dict[str, Any]) -> dict[str, Any]:
         renamed, _ = rename_source_key(
             f"{key}.signs", renamings, converters, model.base_model_prefix, meta
         )
-        out[renamed.removesuffix(".signs")] = entries
+        out[renamed.removesuffix(".signs")] = (key, entries)
     return out

@@ -17,7 +17,7 @@ pytest.importorskip("peft", reason="the zoo build needs peft")
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.integration
+@pytest.mark.slow  # opt-in until it has been run here (it builds the small VLM, serves twice)
 def test_main_job_answers_an_image_question_and_caches(tmp_path: Path, capsys) -> None:
     from bivlm_plugin.app import main_job
     from bivlm_plugin.cli import main

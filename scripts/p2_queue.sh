@@ -21,8 +21,8 @@ declare -A RECIPE=(
   [lm_rtn_sign]=recipes/baseline_rtn_sign_lm.yaml
   [lm_gptq_w3_asym]=recipes/gptq_w3a16_g64_asym_lm.yaml
 )
-ORDER=(fp vlm_bivlm_w2 vlm_gptq_w2_asym vlm_bivlm_w1 vlm_rtn_sign vlm_arb_rc vlm_billm
-       vlm_gptq_w3_asym lm_bivlm_w2 lm_gptq_w2_asym lm_bivlm_w1 lm_rtn_sign lm_arb_rc lm_billm
+ORDER=(fp vlm_bivlm_w2 vlm_gptq_w2_asym vlm_rtn_sign vlm_billm vlm_arb_rc vlm_bivlm_w1
+       vlm_gptq_w3_asym lm_bivlm_w2 lm_gptq_w2_asym lm_bivlm_w1 lm_billm lm_arb_rc lm_rtn_sign
        lm_gptq_w3_asym)
 [[ $# -gt 0 ]] && ORDER=("$@")
 for name in "${ORDER[@]}"; do

@@ -209,9 +209,10 @@ def _text_calibration(model_dir: Path, data, n: int | None) -> _Calibration:
 
 
 VLM_CALIBRATION_SAMPLES = 128
-# Chosen before any P2 figure with it was seen: half a P1 window per triple, so the language
-# model calibrates on about 3x more text tokens than image-prompt tokens (128 x 256 vs ~128 x 85).
-VLM_CALIBRATION_TEXT_TOKENS = 256
+# 0 (triples only) by measurement: with 256 WikiText tokens after each triple the ~2-bit whole-VLM
+# model kept its text (P1 235 vs 257,493) but lost its answers (P2 0.4225 vs 0.842; RESULTS 1b,
+# 2026-12-02, chosen after seeing those P2 figures).
+VLM_CALIBRATION_TEXT_TOKENS = 0
 
 
 def _vlm_calibration(
@@ -406,6 +407,8 @@ def _save_atomically(
     """Save into a temporary sibling; with packed layers, add bits measured on the files."""
     with atomic_directory(output) as tmp:
         model.save_pretrained(tmp, save_compressed=compressed)
+        if not compressed and not in_features:
+            _drop_quantization_config(tmp, report)
         if pruning:
             config = json.loads((tmp / "config.json").read_text())
             config[CONFIG_KEY] = pruning
@@ -418,6 +421,18 @@ def _save_atomically(
         elif compressed:
             report.update(compressed_tensors_file_bits(tmp))
         (tmp / "bivlm_report.json").write_text(json.dumps(report, indent=2) + "\n")
+
+
+def _drop_quantization_config(folder: Path, report: dict) -> None:
+    """A dense (``--fake-quant``) save holds the dequantized values themselves: its config must
+    not carry llm-compressor's quantization_config, or transformers re-attaches quantization on
+    load, with newly initialised scales for every module the saved ignore list misses (LLaVA's
+    projector: P2 0 with P1 intact, 2026-12-02)."""
+    config_path = folder / "config.json"
+    config = json.loads(config_path.read_text())
+    if config.pop("quantization_config", None) is not None:
+        config_path.write_text(json.dumps(config, indent=2) + "\n")
+        report["note_dense"] = "dequantized weights saved dense; quantization_config dropped"
 
 
 def _file_bits_by_module(model, folder: Path, in_features: dict[str, int]) -> dict[str, float]:

@@ -272,7 +272,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     try:
         with server:
             print(f"serving {server.model} at {server.url}/v1 (Ctrl-C stops it)", flush=True)
-            while server._proc is not None and server._proc.poll() is None:
+            while server.running():
                 time.sleep(1)
             print(f"vllm serve exited; see {log}", file=sys.stderr)
             return 1

@@ -466,19 +466,21 @@ def compressed_tensors_file_bits(folder: Path) -> dict[str, Any]:
     codes, scales, zero points, the shape record), bias excepted, over the weights it encodes."""
     from safetensors import safe_open
 
+    from bivlm_plugin.format.checkpoint import read_safetensors_header
+
     sizes: dict[str, int] = {}
     shapes: dict[str, int] = {}
     for file in sorted(Path(folder).glob("*.safetensors")):
+        header = read_safetensors_header(file)  # key -> (dtype, shape, bytes in the file)
+        for key, (_, _, nbytes) in header.items():
+            module, _, leaf = key.rpartition(".")
+            if leaf != "bias":
+                sizes[module] = sizes.get(module, 0) + nbytes
         with safe_open(str(file), "pt") as f:
-            for key in f.keys():
-                module, _, leaf = key.rpartition(".")
-                sl = f.get_slice(key)
-                numel = math.prod(sl.get_shape())
-                nbytes = numel * _DTYPE_BYTES[sl.get_dtype()]
-                if leaf == "weight_shape":
-                    shapes[module] = math.prod(int(v) for v in f.get_tensor(key).tolist())
-                if leaf != "bias":
-                    sizes[module] = sizes.get(module, 0) + nbytes
+            for key in header:
+                if key.endswith(".weight_shape"):
+                    record = f.get_tensor(key).tolist()
+                    shapes[key.removesuffix(".weight_shape")] = math.prod(int(v) for v in record)
     packed = sorted(shapes)
     if not packed:
         return {"storage_bits_from_files": None}
@@ -487,9 +489,6 @@ def compressed_tensors_file_bits(folder: Path) -> dict[str, Any]:
         "packed_layers": len(packed),
         "storage_bits_from_files": sum(sizes[m] for m in packed) * 8 / weights,
     }
-
-
-_DTYPE_BYTES = {"F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1}
 
 
 def _add_file_bits(report: dict, bits: dict[str, float], in_features: dict[str, int]) -> None:

@@ -139,6 +139,10 @@ class VllmServer:
                     ) from None
                 time.sleep(2)
 
+    def running(self) -> bool:
+        """Whether the server process is still alive (inside the ``with`` block)."""
+        return self._proc is not None and self._proc.poll() is None
+
     def healthy(self) -> bool:
         try:
             with urllib.request.urlopen(f"{self.url}/health", timeout=5) as r:

@@ -238,7 +238,6 @@ class BiVLMModifier(Modifier):
 
     # -------------------------------------------------------------------------- lifecycle
     def on_initialize(self, state: State, **kwargs) -> bool:
-        self.layer_config("language")  # fail early on bad knobs, before any calibration
         ignore = list(self.ignore) + NEVER
         if not self.quantize_projector:
             ignore += self.projector_patterns

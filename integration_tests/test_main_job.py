@@ -53,3 +53,12 @@ def test_main_job_rejects_a_bad_ratio_before_any_work(tmp_path: Path, capsys) ->
     assert main(["demo", "--prune-ratio", "1.5", "--work", str(tmp_path)]) == 2
     assert "prune ratio must be in [0, 1), got 1.5" in capsys.readouterr().err
     assert not any(tmp_path.iterdir())
+
+
+def test_main_job_rejects_a_missing_recipe_before_any_work(tmp_path: Path, capsys) -> None:
+    from bivlm_plugin.cli import main
+
+    argv = ["demo", "--recipe", str(tmp_path / "nope.yaml"), "--work", str(tmp_path / "w")]
+    assert main(argv) == 2
+    assert "nope.yaml does not exist; see recipes/" in capsys.readouterr().err
+    assert not (tmp_path / "w").exists()

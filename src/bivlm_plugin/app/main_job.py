@@ -85,8 +85,6 @@ def _quantized(cfg: MainJobConfig, source: Path, work: Path) -> tuple[Path, bool
     )
 
     recipe = Path(cfg.recipe)
-    if not recipe.is_file():
-        raise FileNotFoundError(f"--recipe {recipe} does not exist; see recipes/")
     key = _digest(
         recipe.read_text(),
         _folder_identity(source),
@@ -165,6 +163,8 @@ def run_main_job(cfg: MainJobConfig | None = None) -> dict[str, Any]:
 
     cfg = cfg or MainJobConfig()
     keep_count(1, cfg.prune_ratio)  # a bad ratio fails before any work, naming the range
+    if not Path(cfg.recipe).is_file():
+        raise FileNotFoundError(f"--recipe {cfg.recipe} does not exist; see recipes/")
     work = Path(cfg.work or registry.cache_root() / "main_job")
     items = p2_items(max(cfg.question + 1, cfg.timing_requests))
     start = time.perf_counter()

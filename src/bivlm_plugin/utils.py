@@ -12,7 +12,12 @@ from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
 
-__all__ = ["atomic_directory", "atomic_write_text", "environment_info"]
+__all__ = [
+    "atomic_directory",
+    "atomic_write_text",
+    "environment_info",
+    "sweep_stale_temporaries",
+]
 
 _PACKAGES = (
     "bivlm-plugin",
@@ -39,16 +44,50 @@ def atomic_write_text(path: Path, text: str) -> None:
         raise
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+def sweep_stale_temporaries(target: Path) -> list[Path]:
+    """Remove ``atomic_directory`` temporaries of ``target`` left by processes that died
+    (killed mid-write: SIGKILL, out of memory, power loss); returns what was removed.
+
+    A temporary is named ``.NAME.writing-PID-XXXX`` beside ``target``; one whose PID is alive
+    is another run's and is left alone. (PIDs are this machine's: on a folder shared between
+    machines, a temporary of a live run elsewhere would look stale.)
+    """
+    target = Path(target)
+    removed = []
+    for p in target.parent.glob(f".{target.name}.writing-*"):
+        try:
+            pid = int(p.name[len(f".{target.name}.writing-") :].split("-", 1)[0])
+        except ValueError:
+            continue
+        if p.is_dir() and pid != os.getpid() and not _pid_alive(pid):
+            shutil.rmtree(p, ignore_errors=True)
+            removed.append(p)
+    return removed
+
+
 @contextmanager
 def atomic_directory(target: Path) -> Iterator[Path]:
     """Yield an empty sibling folder of ``target``; on success it replaces ``target``.
 
     On any exception the temporary folder is removed and ``target`` is left as it was, so an
-    interrupted write never leaves a loadable half model.
+    interrupted write never leaves a loadable half model. A process killed outright (SIGKILL)
+    cannot clean up: its temporary (a hidden sibling, never loaded as ``target``) is removed
+    by the next write of the same ``target`` (``sweep_stale_temporaries``).
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    sweep_stale_temporaries(target)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.writing-{os.getpid()}-", dir=target.parent))
     try:
         yield tmp
         if target.exists():

@@ -101,7 +101,8 @@ class VqaResult:
         return out
 
 
-def _prompt(processor, question: str) -> str:
+def prompt_for(processor, question: str) -> str:
+    """The chat-template prompt of one image and one question (what P2 and `bivlm ask` send)."""
     user = {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}
     return processor.apply_chat_template([user], add_generation_prompt=True, tokenize=False)
 
@@ -113,7 +114,9 @@ def _encode(processor, items: list[VqaItem]) -> list[dict[str, torch.Tensor]]:
     for item in tqdm(items, desc="P2 prompts", unit="q", leave=False):
         encoded.append(
             processor(
-                text=_prompt(processor, item.question), images=[item.image()], return_tensors="pt"
+                text=prompt_for(processor, item.question),
+                images=[item.image()],
+                return_tensors="pt",
             )
         )
     return encoded

@@ -60,5 +60,6 @@ def test_main_job_rejects_a_missing_recipe_before_any_work(tmp_path: Path, capsy
 
     argv = ["demo", "--recipe", str(tmp_path / "nope.yaml"), "--work", str(tmp_path / "w")]
     assert main(argv) == 2
-    assert "nope.yaml does not exist; see recipes/" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "nope.yaml is neither a file nor a shipped recipe" in err and "bivlm_vlm_w2" in err
     assert not (tmp_path / "w").exists()

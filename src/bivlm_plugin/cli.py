@@ -232,6 +232,36 @@ def _cmd_bench_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench_load(args: argparse.Namespace) -> int:
+    from bivlm_plugin.app.load_test import load_test_folder
+    from bivlm_plugin.zoo.registry import cache_root
+
+    log = Path(args.log or cache_root() / "logs" / f"load-{Path(args.model).name}.log")
+    res = load_test_folder(
+        args.model,
+        log,
+        n_requests=args.requests,
+        concurrency=args.concurrency,
+        max_tokens=args.max_tokens,
+        prune_ratio=args.prune_ratio,
+        prune_score=args.prune_score,
+        dtype=args.dtype,
+    )
+    res["command"] = "bivlm " + " ".join(sys.argv[1:])
+    res["environment"] = environment_info()
+    print(
+        f"{res['answered']}/{res['n_requests']} answered ({res['concurrency']} in flight; "
+        f"{res['image_requests']} image, {res['text_requests']} text); latency p50 "
+        f"{res['p50_s']:.2f} s, p99 {res['p99_s']:.2f} s, wall {res['wall_s']:.1f} s; sample "
+        f"{res['sample_indices']} equal to one-by-one: {res['sample_equal']}; healthy after: "
+        f"{res['healthy_after']}"
+    )
+    if args.json:
+        atomic_write_text(Path(args.json), json.dumps(res, indent=1) + "\n")
+    ok = res["answered"] == res["n_requests"] and res["sample_equal"] and res["healthy_after"]
+    return 0 if ok else 1
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from bivlm_plugin.app.main_job import MainJobConfig, run_main_job
 
@@ -279,6 +309,17 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         print("stopped", file=sys.stderr)
         return 130
+
+
+def _cmd_recipes(args: argparse.Namespace) -> int:
+    from bivlm_plugin.app.recipes import RECIPES_DIR, standard_recipes
+
+    for name in standard_recipes():
+        lines = (RECIPES_DIR / f"{name}.yaml").read_text().splitlines()
+        first = next((ln.lstrip("# ").strip() for ln in lines if ln.startswith("#")), "")
+        print(f"{name:<28} {first}")
+    print(f"({RECIPES_DIR.resolve()})")
+    return 0
 
 
 def _cmd_ask(args: argparse.Namespace) -> int:
@@ -407,7 +448,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("quantize", help="llm-compressor oneshot with a recipe, P1 calibration")
     p.add_argument("--model", required=True, help="model folder")
-    p.add_argument("--recipe", required=True, help="YAML recipe (see recipes/)")
+    p.add_argument(
+        "--recipe",
+        required=True,
+        help="YAML recipe file, or a shipped recipe's name (e.g. bivlm_vlm_w2; `bivlm recipes` "
+        "lists them)",
+    )
     p.add_argument("--output", required=True, help="folder to write (atomically)")
     p.add_argument("--data", help="WikiText-2 folder (default as for eval ppl)")
     p.add_argument(
@@ -465,7 +511,11 @@ def build_parser() -> argparse.ArgumentParser:
         "and prints a summary table. Every step is cached, so a second run only serves and "
         "times. Example: bivlm demo --prune-ratio 0.75",
     )
-    p.add_argument("--recipe", default=str(DEFAULT_RECIPE), help="recipe (default: %(default)s)")
+    p.add_argument(
+        "--recipe",
+        default=str(DEFAULT_RECIPE),
+        help="recipe file or shipped name (default: %(default)s)",
+    )
     p.add_argument(
         "--prune-ratio",
         type=float,
@@ -529,6 +579,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_serve)
 
     p = sub.add_parser(
+        "recipes",
+        help="the shipped recipes (names for --recipe) with their first comment line",
+    )
+    p.set_defaults(func=_cmd_recipes)
+
+    p = sub.add_parser(
         "ask",
         help="one image question to a VLM folder through transformers (FP or packed)",
         description="Loads a VLM folder (packed checkpoints stay packed), reads the image (any "
@@ -578,6 +634,28 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = sub.add_parser("bench", help="benchmarks (ratios against a peer, same process)")
     bench_sub = bench.add_subparsers(dest="bench_command", required=True)
+    p = bench_sub.add_parser(
+        "load",
+        help="concurrent mixed text and image requests against vllm serve (loopback)",
+        description="Serves a model folder with `bivlm serve`'s settings, sends N greedy "
+        "requests (half with an easy-VQA test image) with C in flight, then a sample of them "
+        "one at a time: prints answered count, p50 / p99 latency, whether the sample's tokens "
+        "match and whether the server is healthy afterwards; exits 1 otherwise. Example: "
+        "bivlm bench load --model OUT --requests 32 --json load.json",
+    )
+    p.add_argument("--model", required=True, help="VLM folder (packed or dense)")
+    p.add_argument("--requests", type=int, default=32, help="requests in all (default 32)")
+    p.add_argument("--concurrency", type=int, default=32, help="in flight at once (default 32)")
+    p.add_argument("--max-tokens", type=int, default=8, help="tokens per answer (default 8)")
+    p.add_argument(
+        "--prune-ratio", type=float, default=None, help="override the checkpoint's pruning ratio"
+    )
+    p.add_argument("--prune-score", default=None, help="text-agnostic score with --prune-ratio")
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    p.add_argument("--log", help="server log (default: $BIVLM_HOME/logs/load-NAME.log)")
+    p.add_argument("--json", help="write the result here")
+    p.set_defaults(func=_cmd_bench_load)
+
     p = bench_sub.add_parser("kernel", help="binary GEMV/GEMM vs bf16 F.linear, same process")
     p.add_argument("--json", help="write the results (speedup_vs_bf16 per shape and batch)")
     p.add_argument("--repeats", type=int, default=20)

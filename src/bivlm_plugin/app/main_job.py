@@ -27,14 +27,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from bivlm_plugin.app.recipes import RECIPES_DIR, find_recipe
 from bivlm_plugin.utils import atomic_write_text
 
 __all__ = ["MainJobConfig", "run_main_job"]
 
 logger = logging.getLogger(__name__)
 
-REPO_RECIPES = Path(__file__).resolve().parents[3] / "recipes"
-DEFAULT_RECIPE = REPO_RECIPES / "bivlm_vlm_w2.yaml"
+DEFAULT_RECIPE = RECIPES_DIR / "bivlm_vlm_w2.yaml"
 DEFAULT_PRUNE_RATIO = 0.75
 DEFAULT_PRUNE_SCORE = "feature_norm"
 
@@ -163,8 +163,7 @@ def run_main_job(cfg: MainJobConfig | None = None) -> dict[str, Any]:
 
     cfg = cfg or MainJobConfig()
     keep_count(1, cfg.prune_ratio)  # a bad ratio fails before any work, naming the range
-    if not Path(cfg.recipe).is_file():
-        raise FileNotFoundError(f"--recipe {cfg.recipe} does not exist; see recipes/")
+    cfg.recipe = find_recipe(cfg.recipe)  # a path or a shipped name; fails naming both
     work = Path(cfg.work or registry.cache_root() / "main_job")
     items = p2_items(max(cfg.question + 1, cfg.timing_requests))
     start = time.perf_counter()

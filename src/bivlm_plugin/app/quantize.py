@@ -25,6 +25,7 @@ from typing import Any
 import torch
 import yaml
 
+from bivlm_plugin.app.recipes import find_recipe
 from bivlm_plugin.format.checkpoint import FORMAT_NAME, storage_bits_from_files
 from bivlm_plugin.format.serving_keys import rewrite_checkpoint_keys
 from bivlm_plugin.integrations.llmcompressor.modifier import BiVLMModifier
@@ -109,7 +110,7 @@ def quantize_model(
     if not (model_dir / "config.json").is_file():
         raise FileNotFoundError(f"--model {model_dir} is not a model folder (no config.json)")
     pruning = _pruning_entry(prune_ratio, prune_score)
-    parsed = apply_overrides(load_recipe(recipe), overrides or {})
+    parsed = apply_overrides(load_recipe(find_recipe(recipe)), overrides or {})
     config = AutoConfig.from_pretrained(model_dir)
     is_vlm = getattr(config, "vision_config", None) is not None
     if pruning and config.model_type not in SERVING_FAMILIES:

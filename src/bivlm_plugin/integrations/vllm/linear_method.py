@@ -153,7 +153,11 @@ class BiVLMLinearMethod(LinearMethodBase):
             layout_from_header(cfg.stored_entries(name), input_size, name)
             for name in cfg.part_names(self.prefix)
         ]
-        plan = plan_for_layer(layer, layouts, input_size_per_partition, output_partition_sizes)
+        try:
+            plan = plan_for_layer(layer, layouts, input_size_per_partition, output_partition_sizes)
+        except ValueError as e:
+            tp = getattr(layer, "tp_size", 1)
+            raise ValueError(f"{self.prefix} (tensor_parallel_size={tp}): {e}") from e
         layout = plan.layout
         if layout.shape != (sum(output_partition_sizes), input_size_per_partition):
             raise ValueError(

@@ -137,13 +137,25 @@ def column_parallel_plan(
     return RankPlan(tuple(parts))
 
 
+def tensor_parallel_sizes_for(in_features: int, up_to: int = 16) -> list[int]:
+    """Tensor-parallel sizes whose row-parallel shards of ``in_features`` columns fall on
+    32-column pack words (1 always works)."""
+    return [
+        t
+        for t in range(1, up_to + 1)
+        if t == 1 or (in_features % t == 0 and (in_features // t) % PACK_WORD == 0)
+    ]
+
+
 def row_parallel_plan(layout: BivlmLayout, start: int, end: int) -> RankPlan:
     """Plan of a row-parallel (input-column split) layer: columns [start, end)."""
     if start % PACK_WORD or (end % PACK_WORD and end != layout.in_features):
+        i = layout.in_features
         raise ValueError(
-            f"row-parallel shard [{start}, {end}) of in_features={layout.in_features} is not on "
-            f"{PACK_WORD}-column word boundaries; use a tensor-parallel size that makes "
-            f"in_features / tp a multiple of {PACK_WORD}"
+            f"row-parallel shard [{start}, {end}) of in_features={i} is not on "
+            f"{PACK_WORD}-column pack-word boundaries (each rank's {end - start} columns must be "
+            f"a multiple of {PACK_WORD}); tensor_parallel_size values that work for this layer: "
+            f"{tensor_parallel_sizes_for(i)}"
         )
     return RankPlan((PartSlice(layout, cols=(start, end)),))
 

@@ -119,24 +119,39 @@ def _qwen2_vl_sample(gen):
     }
 
 
-def _idefics3_model():
-    from transformers import Idefics3Config, Idefics3ForConditionalGeneration, LlamaConfig
-
-    vision = dict(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        image_size=32,
-        patch_size=8,
+def _idefics3_model(text: dict | None = None, vision: dict | None = None, smolvlm: bool = False):
+    """A tiny Idefics3 (or, with ``smolvlm``, SmolVLM: the same architecture, its own classes).
+    The defaults give 4 image tokens a tile (32x32 tiles, 8x8 patches, pixel shuffle by 2)."""
+    from transformers import (
+        Idefics3Config,
+        Idefics3ForConditionalGeneration,
+        LlamaConfig,
+        SmolVLMConfig,
+        SmolVLMForConditionalGeneration,
     )
-    cfg = Idefics3Config(
+
+    vision = {
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "image_size": 32,
+        "patch_size": 8,
+        **(vision or {}),
+    }
+    config, model = (
+        (SmolVLMConfig, SmolVLMForConditionalGeneration)
+        if smolvlm
+        else (Idefics3Config, Idefics3ForConditionalGeneration)
+    )
+    cfg = config(
         vision_config=vision,
-        text_config=LlamaConfig(**TEXT).to_dict(),
+        text_config=LlamaConfig(**{**TEXT, **(text or {})}).to_dict(),
         image_token_id=IMAGE_TOKEN,
         scale_factor=2,
+        pad_token_id=TEXT["pad_token_id"],  # the default (128002) is outside the tiny vocab
     )
-    return Idefics3ForConditionalGeneration(cfg)
+    return model(cfg)
 
 
 def _idefics3_sample(gen):
@@ -278,4 +293,43 @@ def save_qwen2_vl_with_processor(path, text: dict | None = None, vision: dict | 
     )
     torch.manual_seed(0)
     _qwen2_vl_model(text, vision).save_pretrained(path)
+    processor.save_pretrained(path)
+
+
+# Idefics3's special tokens: <row_i_col_j> for a 6x6 grid at 100..135, the others after <image>.
+IDEFICS3_SPECIALS = {
+    **{f"<row_{i + 1}_col_{j + 1}>": 100 + 6 * i + j for i in range(6) for j in range(6)},
+    "<image>": IMAGE_TOKEN,
+    "<fake_token_around_image>": IMAGE_TOKEN + 1,
+    "<global-img>": IMAGE_TOKEN + 2,
+    "<end_of_utterance>": IMAGE_TOKEN + 3,
+}
+
+
+def save_idefics3_with_processor(path, text: dict | None = None, vision: dict | None = None):
+    """A tiny Idefics3 plus a real Idefics3Processor (image splitting on: the longest edge is
+    resized to two tiles, tiles are the vision tower's image size, plus the global image;
+    word-level tokenizer over easy-VQA's words with Idefics3's special tokens; a chat
+    template), saved as a folder. ``image_seq_len`` follows the model's config."""
+    from transformers import Idefics3ImageProcessor, Idefics3Processor
+
+    torch.manual_seed(0)
+    model = _idefics3_model(text, vision)
+    vc = model.config.vision_config
+    tile = vc.image_size
+    image_seq_len = (tile // vc.patch_size) ** 2 // model.config.scale_factor**2
+    fast = _vqa_tokenizer(IDEFICS3_SPECIALS, {"image_token": "<image>"})
+    fast.add_special_tokens({"additional_special_tokens": list(IDEFICS3_SPECIALS)})
+    image_processor = Idefics3ImageProcessor(
+        do_image_splitting=True,
+        size={"longest_edge": 2 * tile},
+        max_image_size={"longest_edge": tile},
+    )
+    processor = Idefics3Processor(
+        image_processor=image_processor,
+        tokenizer=fast,
+        image_seq_len=image_seq_len,
+        chat_template=CHAT_TEMPLATE,
+    )
+    model.save_pretrained(path)
     processor.save_pretrained(path)

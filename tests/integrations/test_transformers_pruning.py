@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
 from bivlm_plugin.integrations.transformers.pruning import generate_with_pruning, prune_inputs
 from bivlm_plugin.pruning.scores import keep_count
-from tiny_vlms import IMAGE_TOKEN, SEQ, _idefics3_model, _llava_model
+from tiny_vlms import IMAGE_TOKEN, SEQ, _llava_model
 
 
 @pytest.fixture(scope="module")
@@ -112,10 +114,10 @@ def test_bad_ratio_score_and_family_fail_clearly(llava) -> None:
             prune_inputs(llava, inputs, bad)
     with pytest.raises(ValueError, match="unknown prune score 'fastv'"):
         generate_with_pruning(llava, inputs, 0.5, "fastv")
-    idefics3 = _idefics3_model().eval()
+    other = SimpleNamespace(config=SimpleNamespace(model_type="gemma3"))
     with pytest.raises(
         ValueError,
-        match=r"supports \['llava', 'qwen2_vl', 'qwen2_5_vl'\] in transformers, not model_type "
-        r"'idefics3'",
+        match=r"supports \['llava', 'qwen2_vl', 'qwen2_5_vl', 'idefics3', 'smolvlm'\] in "
+        r"transformers, not model_type 'gemma3'",
     ):
-        prune_inputs(idefics3, inputs, 0.5)
+        prune_inputs(other, inputs, 0.5)

@@ -26,8 +26,19 @@ Families and scores:
   so new tokens sit at max(original position) + 1, ... . ``model.model.rope_deltas`` is set to
   max(original position) + 1 - (pruned prompt length), so a forward that derives positions
   from the cache length (no ``position_ids``) lands on the same positions.
-- Idefics3 and other families fail with a message (Idefics3's pixel shuffle merges four patches
-  per token and its SigLIP tower has no CLS token; not done).
+- Idefics3 (``idefics3``) and SmolVLM (``smolvlm``, the same architecture under its own
+  classes): the processor splits each image into tiles (row-by-column crops, then the global
+  image), and each tile becomes a block of ``image_seq_len`` image tokens (the connector's pixel
+  shuffle merges ``scale_factor**2`` SigLIP patches into each) among text special tokens
+  (``<fake_token_around_image>``, ``<row_i_col_j>``, ``<global-img>``), which all stay. Each
+  tile's block is pruned on its own: ``keep_count(image_seq_len, prune_ratio)`` tokens a tile.
+  Scores: ``feature_norm`` (the connector's output), ``mean_attention`` (the attention each
+  patch receives in the tower's last layer, averaged over heads and the tile's non-padding
+  query patches, then over the ``scale_factor**2`` patches the pixel shuffle merges into one
+  token) and ``text_attention``. ``cls_attention`` fails: SigLIP has no CLS token. Positions
+  are 1-D and renumbered, as for LLaVA: the language model (Llama) takes plain positions, which
+  ``generate`` derives from the shortened sequence's attention mask.
+- Other families fail with a message naming the supported ones.
 
 Non-goals: pruning inside the language model (FastV's layer-K dropping); video.
 """
@@ -40,7 +51,13 @@ from typing import Any
 
 import torch
 
-from bivlm_plugin.pruning.scores import SCORES, keep_count, keep_indices, mean_attention_scores
+from bivlm_plugin.pruning.scores import (
+    SCORES,
+    keep_count,
+    keep_indices,
+    keep_mask,
+    mean_attention_scores,
+)
 
 __all__ = [
     "FAMILY_SCORES",
@@ -52,12 +69,14 @@ __all__ = [
 ]
 
 QWEN_FAMILIES = ("qwen2_vl", "qwen2_5_vl")
-SUPPORTED_FAMILIES = ("llava", *QWEN_FAMILIES)
+IDEFICS3_FAMILIES = ("idefics3", "smolvlm")
+SUPPORTED_FAMILIES = ("llava", *QWEN_FAMILIES, *IDEFICS3_FAMILIES)
+_NO_CLS = ("feature_norm", "mean_attention", "text_attention")
 # The scores each family can compute (model_type -> names in ``SCORES``).
 FAMILY_SCORES = {
     "llava": ("cls_attention", "mean_attention", "feature_norm", "text_attention"),
-    "qwen2_vl": ("feature_norm", "mean_attention", "text_attention"),
-    "qwen2_5_vl": ("feature_norm", "mean_attention", "text_attention"),
+    **dict.fromkeys(QWEN_FAMILIES, _NO_CLS),
+    **dict.fromkeys(IDEFICS3_FAMILIES, _NO_CLS),
 }
 _WHY_NOT = {"cls_attention": "its vision tower has no CLS token"}
 FASTV_LAYER = 2  # FastV's K: the attention of decoder layer 2 (0-based; the last if fewer)
@@ -82,12 +101,22 @@ def _check(model, prune_ratio: float, prune_score: str) -> str:
     return family
 
 
-def _attention_probs(q: torch.Tensor, k: torch.Tensor, n_heads: int, scale: float):
-    """(B, S, H*d) queries and keys -> (B, H, S, S) softmax attention, float32, no mask."""
+def _attention_probs(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    n_heads: int,
+    scale: float,
+    key_mask: torch.Tensor | None = None,
+):
+    """(B, S, H*d) queries and keys -> (B, H, S, S) softmax attention, float32; ``key_mask``
+    (B, S) bool, False at keys no query may attend to (padding), or None for no mask."""
     b, s, _ = q.shape
     q = q.float().view(b, s, n_heads, -1).transpose(1, 2)
     k = k.float().view(b, s, n_heads, -1).transpose(1, 2)
-    return torch.softmax(q @ k.transpose(-1, -2) * scale, dim=-1)
+    logits = q @ k.transpose(-1, -2) * scale
+    if key_mask is not None:
+        logits = logits.masked_fill(~key_mask[:, None, None, :], float("-inf"))
+    return torch.softmax(logits, dim=-1)
 
 
 def _llava_image_features(model, pixel_values: torch.Tensor, need_attention: bool):
@@ -127,6 +156,13 @@ def _lm_attention(lm, embeds, mask, position_ids=None):
     return out.attentions[min(FASTV_LAYER, len(out.attentions) - 1)]
 
 
+def _language_model(model):
+    """The decoder stack without its head: ``language_model`` (LLaVA, Qwen) or ``text_model``
+    (Idefics3, SmolVLM)."""
+    lm = getattr(model.model, "language_model", None)
+    return model.model.text_model if lm is None else lm
+
+
 def _text_attention(model, ids, mask, feats, position_ids=None) -> torch.Tensor:
     """FastV-style scores: (B, N) attention the text after the image gives each image token at
     decoder layer ``FASTV_LAYER``, from a prefill pass on the unpruned prompt (``feats``: the
@@ -134,7 +170,7 @@ def _text_attention(model, ids, mask, feats, position_ids=None) -> torch.Tensor:
     image = ids == model.config.image_token_id
     embeds = model.get_input_embeddings()(ids)
     embeds = embeds.masked_scatter(image.unsqueeze(-1), feats.to(embeds.dtype))
-    attn = _lm_attention(model.model.language_model, embeds, mask, position_ids)
+    attn = _lm_attention(_language_model(model), embeds, mask, position_ids)
     where = torch.arange(ids.shape[1], device=ids.device)
     last_image = torch.where(image, where, -1).max(1, keepdim=True).values
     text = (where > last_image) & mask.bool()
@@ -365,6 +401,146 @@ def _prune_qwen(
     }
 
 
+# --- Idefics3 / SmolVLM ---------------------------------------------------------------------
+
+
+def _idefics3_image_features(model, pixels, pixel_mask, need_attention: bool):
+    """The model's own image path (``get_image_features``, padding tiles dropped): the connector
+    output (tiles, image_seq_len, D), tiles in image-token order; and, if asked, the tower's
+    last-layer attention (tiles, H, P, P) float32, recomputed from that layer's input with the
+    padding patches masked as keys, and the tiles' patch masks (tiles, P) bool (True: real)."""
+    tower = model.model.vision_model
+    captured: dict[str, Any] = {}
+
+    def grab_patches(module, args, kwargs):
+        captured["patches"] = kwargs.get("patch_attention_mask")
+
+    def grab_hidden(module, args, kwargs):
+        captured["hidden"] = args[0] if args else kwargs["hidden_states"]
+
+    handles = []
+    if need_attention:
+        handles.append(tower.register_forward_pre_hook(grab_patches, with_kwargs=True))
+        handles.append(
+            tower.encoder.layers[-1].register_forward_pre_hook(grab_hidden, with_kwargs=True)
+        )
+    try:
+        feats = model.model.get_image_features(pixels, pixel_mask, return_dict=True).pooler_output
+    finally:
+        for handle in handles:
+            handle.remove()
+    if not need_attention:
+        return feats, None, None
+    hidden = captured["hidden"]
+    patches = captured["patches"]
+    if patches is None:  # the tower's own default: every patch is real
+        patches = torch.ones(hidden.shape[:2], dtype=torch.bool, device=hidden.device)
+    patches = patches.reshape(hidden.shape[0], -1).to(hidden.device)
+    layer = tower.encoder.layers[-1]
+    x = layer.layer_norm1(hidden)
+    sa = layer.self_attn
+    attn = _attention_probs(sa.q_proj(x), sa.k_proj(x), sa.num_heads, sa.scale, patches)
+    return feats, attn, patches
+
+
+def _idefics3_mean_attention(model, attn, patches) -> torch.Tensor:
+    """(tiles, image_seq_len) scores: the attention each patch receives (mean over heads and the
+    tile's real query patches; padding patches, masked as keys, receive 0), averaged over the
+    patches the connector's pixel shuffle merges into each token."""
+    received = torch.stack(
+        [
+            mean_attention_scores(a[None][:, :, real], drop_cls=False)[0]
+            for a, real in zip(attn, patches, strict=True)
+        ]
+    )  # (tiles, P)
+    connector = model.model.connector
+    # The connector's own shuffle, on one channel, groups the patches exactly as it groups the
+    # features: (tiles, P, 1) -> (tiles, image_seq_len, scale_factor**2).
+    merged = connector.pixel_shuffle(received.unsqueeze(-1), connector.scale_factor)
+    return merged.mean(-1)
+
+
+def _idefics3_check_tiles(model, ids, n_tiles: int) -> None:
+    """Every prompt's image tokens form whole tiles, as many as the tower produced."""
+    per_tile = model.model.image_seq_len
+    n_image = (ids == model.config.image_token_id).sum(1)
+    if bool((n_image % per_tile != 0).any()) or int(n_image.sum()) != n_tiles * per_tile:
+        raise ValueError(
+            f"the prompts hold {n_image.tolist()} image tokens but the vision tower made "
+            f"{n_tiles} tiles of image_seq_len {per_tile}; pass the processor's input_ids and "
+            "pixel_values together (its image_seq_len must match the model's)"
+        )
+
+
+def _idefics3_scores(model, inputs, prune_score: str, feats, attn, patches) -> torch.Tensor:
+    if prune_score == "feature_norm":
+        return SCORES["feature_norm"].fn(feats)
+    if prune_score == "mean_attention":
+        return _idefics3_mean_attention(model, attn, patches)
+    ids = inputs["input_ids"]
+    mask = inputs.get("attention_mask", torch.ones_like(ids))
+    # what generate uses for an unpadded or left-padded prompt
+    positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
+    scores = _text_attention(model, ids, mask, feats.flatten(0, 1), positions)  # (B, N per row)
+    return scores.reshape(feats.shape[:2])
+
+
+def _prune_idefics3(
+    model,
+    inputs,
+    prune_ratio: float,
+    prune_score: str,
+    keep_image: torch.Tensor | None = None,
+) -> dict[str, Any]:
+    """Idefics3 / SmolVLM; ``keep_image`` ((tiles, image_seq_len) bool) replaces the score's
+    choice when given (tests)."""
+    ids, pixels = inputs["input_ids"], inputs.get("pixel_values")
+    if pixels is None or pixels.dim() != 5:
+        shape = None if pixels is None else tuple(pixels.shape)
+        raise ValueError(
+            "Idefics3 pruning needs the processor's pixel_values (batch, tiles, channels, "
+            f"height, width), got {shape}"
+        )
+    mask = inputs.get("attention_mask", torch.ones_like(ids))
+    image_id = model.config.image_token_id
+    image = ids == image_id
+    need_attention = keep_image is None and prune_score == "mean_attention"
+    feats, attn, patches = _idefics3_image_features(
+        model, pixels.contiguous(), inputs.get("pixel_attention_mask"), need_attention
+    )  # contiguous: the model views pixel_values as (batch * tiles, ...)
+    _idefics3_check_tiles(model, ids, feats.shape[0])
+    if keep_image is None:
+        scores = _idefics3_scores(model, inputs, prune_score, feats, attn, patches)
+        keep_image = keep_mask(scores, prune_ratio)  # each tile's block on its own
+    keep_image = keep_image.to(ids.device)
+    keep_tokens = ~image
+    keep_tokens[image] = keep_image.reshape(-1)
+    counts = keep_tokens.sum(1)
+    if bool((counts != counts[0]).any()):
+        raise ValueError(
+            "pruning keeps a different number of tokens per prompt "
+            f"({counts.tolist()}); batch prompts with the same number of image tiles"
+        )
+    b = ids.shape[0]
+    new_ids = ids[keep_tokens].view(b, -1)
+    embeds = model.get_input_embeddings()(new_ids)
+    kept_feats = feats[keep_image.to(feats.device)].to(embeds.dtype)
+    embeds = embeds.masked_scatter((new_ids == image_id).unsqueeze(-1), kept_feats)
+    return {
+        "inputs_embeds": embeds,
+        "attention_mask": mask[keep_tokens].view(b, -1),
+        "keep_tokens": keep_tokens,
+        "kept": [torch.nonzero(k).flatten() for k in keep_image],
+    }
+
+
+_PRUNERS = {
+    "llava": _prune_llava,
+    **dict.fromkeys(QWEN_FAMILIES, _prune_qwen),
+    **dict.fromkeys(IDEFICS3_FAMILIES, _prune_idefics3),
+}
+
+
 @torch.inference_mode()
 def prune_inputs(
     model, inputs: dict[str, torch.Tensor], prune_ratio: float, prune_score: str = "cls_attention"
@@ -372,26 +548,32 @@ def prune_inputs(
     """The language-model inputs of a pruned prompt batch.
 
     Args:
-        model: a transformers LLaVA (dense or packed), Qwen2-VL or Qwen2.5-VL.
+        model: a transformers LLaVA (dense or packed), Qwen2-VL, Qwen2.5-VL, Idefics3 or
+            SmolVLM.
         inputs: the processor's output. LLaVA: ``input_ids`` (B, T), ``attention_mask``
             (B, T), ``pixel_values`` (B, 3, H, W), one image per prompt. Qwen: ``input_ids``,
             ``attention_mask`` (left padding allowed), ``pixel_values`` (patches, C),
             ``image_grid_thw`` (images, 3), optionally ``mm_token_type_ids``; any number of
             images per prompt, as long as every prompt keeps the same number of tokens.
-        prune_ratio: share of each image's tokens to drop, in [0, 1) (0 keeps them all).
+            Idefics3 / SmolVLM: ``input_ids``, ``attention_mask`` (left padding allowed),
+            ``pixel_values`` (B, tiles, 3, H, W) (all-zero padding tiles are skipped, as the
+            model skips them), optionally ``pixel_attention_mask`` (B, tiles, H, W); any
+            number of images per prompt, as long as every prompt has as many tiles.
+        prune_ratio: share of each image's tokens to drop, in [0, 1) (0 keeps them all);
+            Idefics3 / SmolVLM: of each tile's tokens.
         prune_score: a name in ``pruning.scores.SCORES`` the family supports
             (``FAMILY_SCORES``).
 
     Returns:
         ``inputs_embeds`` (B, T', D) and ``attention_mask`` (B, T'), T' = T - pruned tokens;
-        ``kept``: LLaVA (B, k) int64, Qwen a list of per-image (k_i,) int64, the kept
+        ``kept``: LLaVA (B, k) int64, Qwen a list of per-image (k_i,) int64, Idefics3 /
+        SmolVLM a list of per-tile (k,) int64 (tiles in image-token order), the kept
         image-token indices in original order. Qwen adds ``position_ids`` (4, B, T') and
-        ``rope_deltas`` (B, 1) (``pruned_position_ids``) and ``keep_tokens`` (B, T) bool.
+        ``rope_deltas`` (B, 1) (``pruned_position_ids``); Qwen, Idefics3 and SmolVLM add
+        ``keep_tokens`` (B, T) bool.
     """
     family = _check(model, prune_ratio, prune_score)
-    if family in QWEN_FAMILIES:
-        return _prune_qwen(model, inputs, prune_ratio, prune_score)
-    return _prune_llava(model, inputs, prune_ratio, prune_score)
+    return _PRUNERS[family](model, inputs, prune_ratio, prune_score)
 
 
 def _generate_pruned(model, pruned: dict[str, Any], **generate_kwargs) -> torch.Tensor:

@@ -28,6 +28,13 @@ def test_valid_entry() -> None:
     assert pruning_settings(_cfg({"ratio": 0.5})).score == "feature_norm"
 
 
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl"])
+@pytest.mark.parametrize("score", ["feature_norm", "mean_attention"])
+def test_qwen_entries(family, score) -> None:
+    s = pruning_settings(_cfg({"ratio": 0.75, "score": score}, model_type=family))
+    assert s.enabled and s.score == score
+
+
 @pytest.mark.parametrize(
     "entry, model_type, message",
     [
@@ -36,7 +43,13 @@ def test_valid_entry() -> None:
         ({"ratio": 0.5, "score": "text_attention"}, "llava", "text-conditioned"),
         ({"ratio": 0.5, "score": "nope"}, "llava", "'nope' is not served"),
         ({"ratio": 0.5, "typo": 1}, "llava", r"unknown keys \['typo'\]"),
-        ({"ratio": 0.5}, "idefics3", r"supports \['llava'\], not model_type 'idefics3'"),
+        ({"ratio": 0.5}, "idefics3", r"supports \['llava', 'qwen2_vl', 'qwen2_5_vl'\], not "),
+        (
+            {"ratio": 0.5, "score": "cls_attention"},
+            "qwen2_vl",
+            r"not served for qwen2_vl \(its vision tower has no CLS token\); use one of "
+            r"\('feature_norm', 'mean_attention'\)",
+        ),
         (0.5, "llava", "must be a mapping"),
     ],
 )

@@ -46,8 +46,24 @@ def test_bad_prune_flags_fail_before_calibration(tmp_path: Path, capsys, flags, 
 
 
 def test_prune_ratio_on_an_unserved_family_fails(tmp_path: Path, capsys) -> None:
-    src = tmp_path / "qwen"
-    save_qwen2_vl_with_processor(src)
+    from transformers import LlamaConfig
+
+    src = tmp_path / "llama"  # the family check reads config.json only, before calibration
+    LlamaConfig(hidden_size=64, num_hidden_layers=1, num_attention_heads=2).save_pretrained(src)
     argv = ["quantize", "--model", str(src), "--recipe", RECIPE, "--output", str(tmp_path / "o")]
     assert main(argv + ["--prune-ratio", "0.5"]) == 2
-    assert "served for ['llava'], not model_type 'qwen2_vl'" in capsys.readouterr().err
+    assert "served for ['llava', 'qwen2_vl', 'qwen2_5_vl'], not model_type 'llama'" in (
+        capsys.readouterr().err
+    )
+
+
+def test_a_score_the_family_cannot_serve_fails_before_calibration(tmp_path: Path, capsys) -> None:
+    """Qwen2-VL's tower has no CLS token: vLLM would refuse cls_attention at load."""
+    src = tmp_path / "dense"
+    save_qwen2_vl_with_processor(src)
+    argv = ["quantize", "--model", str(src), "--recipe", RECIPE, "--output", str(tmp_path / "o")]
+    argv += ["--prune-ratio", "0.5", "--prune-score", "cls_attention"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "'cls_attention' cannot be served for qwen2_vl" in err and "mean_attention" in err
+    assert not (tmp_path / "o").exists()

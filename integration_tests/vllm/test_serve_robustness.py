@@ -27,9 +27,9 @@ PRUNE = 0.5  # 16 image tokens -> 8
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     """A tiny LLaVA quantized by `bivlm quantize` (whole-VLM ~1-bit recipe, pruning 0.5 in its
-    config), served by `VllmServer` as `bivlm serve` runs it (eager, loopback), in float32: in bf16 the
-    batch a request lands in changes rounding, so under load a near-tie can flip (measured on the
-    reference VLM, RESULTS 3)."""
+    config), served by `VllmServer` as `bivlm serve` runs it (eager, loopback), in float32: in
+    bf16 the batch a request lands in changes rounding, so under load a near-tie can flip
+    (measured on the reference VLM, RESULTS section 5)."""
     from bivlm_plugin.app.serve import VllmServer
     from bivlm_plugin.cli import main
 

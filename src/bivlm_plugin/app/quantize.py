@@ -31,7 +31,13 @@ from bivlm_plugin.format.serving_keys import rewrite_checkpoint_keys
 from bivlm_plugin.integrations.llmcompressor.modifier import BiVLMModifier
 from bivlm_plugin.integrations.llmcompressor.packed import detach_packed, packed_modules
 from bivlm_plugin.integrations.llmcompressor.recipe import load_recipe, recipe_modifiers
-from bivlm_plugin.pruning.scores import CONFIG_KEY, SERVING_FAMILIES, SERVING_SCORES, keep_count
+from bivlm_plugin.pruning.scores import (
+    CONFIG_KEY,
+    SERVING_FAMILIES,
+    SERVING_FAMILY_SCORES,
+    SERVING_SCORES,
+    keep_count,
+)
 from bivlm_plugin.utils import atomic_directory, environment_info
 
 __all__ = [
@@ -117,6 +123,11 @@ def quantize_model(
         raise ValueError(
             f"--prune-ratio: visual-token pruning is served for {list(SERVING_FAMILIES)}, not "
             f"model_type {config.model_type!r}; drop --prune-ratio"
+        )
+    if pruning and pruning["score"] not in SERVING_FAMILY_SCORES[config.model_type]:
+        raise ValueError(
+            f"--prune-score {pruning['score']!r} cannot be served for {config.model_type}; use "
+            f"one of {list(SERVING_FAMILY_SCORES[config.model_type])}"
         )
     if is_vlm:
         calib = _vlm_calibration(model_dir, data, num_calibration_samples, calibration_text_tokens)

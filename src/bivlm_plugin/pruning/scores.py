@@ -27,6 +27,7 @@ __all__ = [
     "CONFIG_KEY",
     "SCORES",
     "SERVING_FAMILIES",
+    "SERVING_FAMILY_SCORES",
     "SERVING_SCORES",
     "Score",
     "cls_attention_scores",
@@ -177,4 +178,10 @@ SCORES: dict[str, Score] = {
 # use (text-agnostic: an image's tokens must not depend on the prompt beside it).
 CONFIG_KEY = "bivlm_pruning"
 SERVING_SCORES = ("feature_norm", "cls_attention", "mean_attention")
-SERVING_FAMILIES = ("llava",)  # model_type values the vLLM hook prunes
+# model_type -> the serving scores its vLLM hook computes (Qwen towers have no CLS token).
+SERVING_FAMILY_SCORES = {
+    "llava": ("feature_norm", "cls_attention", "mean_attention"),
+    "qwen2_vl": ("feature_norm", "mean_attention"),
+    "qwen2_5_vl": ("feature_norm", "mean_attention"),
+}
+SERVING_FAMILIES = tuple(SERVING_FAMILY_SCORES)  # model_type values the vLLM hook prunes

@@ -1,4 +1,5 @@
-"""Visual-token pruning as a vLLM hook (LLaVA): fewer image placeholders, exactly those embeddings.
+"""Visual-token pruning as a vLLM hook (LLaVA here; Qwen2-VL / Qwen2.5-VL in ``pruning_qwen.py``):
+fewer image placeholders, exactly those embeddings.
 
 Off by default. Turned on by a ``bivlm_pruning`` entry in the checkpoint's ``config.json``
 (``bivlm quantize --prune-ratio R`` writes it), overridable when serving::
@@ -11,11 +12,15 @@ Both sides of vLLM read the same (overridden) config: the multimodal processor e
 ``embed_multimodal`` returns exactly the kept embeddings, chosen by a text-agnostic score
 (``pruning/scores.py``) and kept in their original order. Text-agnostic scores depend on the image
 only, so they agree with vLLM's prefix and encoder caches. The plugin registers the class below
-for the architecture name ``LlavaForConditionalGeneration``; with pruning off it is vLLM's own.
+for the architecture name ``LlavaForConditionalGeneration`` and ``pruning_qwen.py``'s classes for
+``Qwen2VLForConditionalGeneration`` and ``Qwen2_5_VLForConditionalGeneration``; with pruning
+off each is vLLM's own.
 
-Supported: LLaVA with a CLIP tower, ``vision_feature_layer=-1``, the ``default`` strategy; scores
-``feature_norm``, ``cls_attention``, ``mean_attention``; tensor parallelism 1 for the attention
-scores (each rank would see only its own heads). Anything else fails at load naming what works.
+Supported (``SERVING_FAMILY_SCORES``): LLaVA with a CLIP tower, ``vision_feature_layer=-1``, the
+``default`` strategy, scores ``feature_norm``, ``cls_attention``, ``mean_attention``; Qwen2-VL
+and Qwen2.5-VL with ``feature_norm`` and ``mean_attention`` (kept tokens keep their original
+M-RoPE positions; see ``pruning_qwen.py``); tensor parallelism 1 for the attention scores (each
+rank would see only its own heads). Anything else fails at load naming what works.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ from bivlm_plugin.pruning.scores import (
     CONFIG_KEY,
     SCORES,
     SERVING_FAMILIES,
+    SERVING_FAMILY_SCORES,
     SERVING_SCORES,
     keep_count,
     keep_indices,
@@ -90,6 +96,12 @@ def pruning_settings(hf_config: Any) -> PruningSettings:
             f"visual-token pruning in vLLM supports {list(SUPPORTED_FAMILIES)}, not model_type "
             f"{model_type!r}; set {CONFIG_KEY}.ratio to 0"
         )
+    if ratio > 0 and score not in SERVING_FAMILY_SCORES[model_type]:
+        why = " (its vision tower has no CLS token)" if score == "cls_attention" else ""
+        raise ValueError(
+            f"{CONFIG_KEY}.score {score!r} is not served for {model_type}{why}; use one of "
+            f"{SERVING_FAMILY_SCORES[model_type]}"
+        )
     return PruningSettings(ratio, score)
 
 
@@ -110,14 +122,19 @@ def _check_llava(config: Any, settings: PruningSettings, tp_size: int) -> None:
 
 
 def register_pruning_models() -> None:
-    """Register the pruning LLaVA for ``LlavaForConditionalGeneration`` (idempotent)."""
+    """Register the pruning LLaVA for ``LlavaForConditionalGeneration`` and the pruning Qwen2-VL
+    / Qwen2.5-VL (``pruning_qwen.ARCHITECTURES``) for theirs (idempotent)."""
     from vllm import ModelRegistry
 
-    current = ModelRegistry.models.get("LlavaForConditionalGeneration")
-    if getattr(current, "module_name", None) == __name__:
-        return
-    target = f"{__name__}:PruningLlavaForConditionalGeneration"
-    ModelRegistry.register_model("LlavaForConditionalGeneration", target)
+    from . import pruning_qwen
+
+    targets = {"LlavaForConditionalGeneration": (__name__, "PruningLlavaForConditionalGeneration")}
+    targets.update({a: (pruning_qwen.__name__, c) for a, c in pruning_qwen.ARCHITECTURES.items()})
+    for arch, (module, cls) in targets.items():
+        current = ModelRegistry.models.get(arch)
+        if getattr(current, "module_name", None) == module:
+            continue
+        ModelRegistry.register_model(arch, f"{module}:{cls}")
 
 
 def _make_classes():

@@ -19,6 +19,11 @@ import torch
 pytest.importorskip("vllm", reason="needs vLLM (pip install 'bivlm-plugin[vllm]')")
 pytest.importorskip("llmcompressor", reason="needs llm-compressor")
 
+# Opt-in (`bash scripts/test.sh -m slow integration_tests/vllm/test_vllm_tensor_parallel.py`):
+# three engine starts, two of them with two workers (about 6 min on the shared 2 cores), which
+# the default CI run cannot afford within its budget.
+pytestmark = pytest.mark.slow
+
 RUNNER = Path(__file__).with_name("vllm_greedy_runner.py")
 MAX_TOKENS = 8
 PROMPTS = [[5, 17, 42, 99, 7], [120, 3, 250, 64], [11, 12, 13, 14, 15, 16, 17]]

@@ -44,16 +44,9 @@ def server(tmp_path_factory):
 
 
 def _chat(srv, content, max_tokens=4) -> dict:
-    from bivlm_plugin.app.serve import post_json
+    from bivlm_plugin.app.serve import chat_body, post_json
 
-    body = {
-        "model": srv.model,
-        "messages": [{"role": "user", "content": content}],
-        "max_tokens": max_tokens,
-        "temperature": 0.0,
-        "ignore_eos": True,
-        "return_token_ids": True,
-    }
+    body = chat_body(srv.model, content, max_tokens, ignore_eos=True, return_token_ids=True)
     return post_json(f"{srv.url}/v1/chat/completions", body, timeout_s=120)
 
 

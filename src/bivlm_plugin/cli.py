@@ -249,13 +249,19 @@ def _cmd_bench_load(args: argparse.Namespace) -> int:
     )
     res["command"] = "bivlm " + " ".join(sys.argv[1:])
     res["environment"] = environment_info()
+    latency = (
+        f"latency p50 {res['p50_s']:.2f} s, p99 {res['p99_s']:.2f} s"
+        if res["answered"]
+        else "no latency (nothing answered)"
+    )
     print(
         f"{res['answered']}/{res['n_requests']} answered ({res['concurrency']} in flight; "
-        f"{res['image_requests']} image, {res['text_requests']} text); latency p50 "
-        f"{res['p50_s']:.2f} s, p99 {res['p99_s']:.2f} s, wall {res['wall_s']:.1f} s; sample "
-        f"{res['sample_indices']} equal to one-by-one: {res['sample_equal']}; healthy after: "
-        f"{res['healthy_after']}"
+        f"{res['image_requests']} image, {res['text_requests']} text); {latency}, wall "
+        f"{res['wall_s']:.1f} s; sample {res['sample_indices']} equal to one-by-one: "
+        f"{res['sample_equal']}; healthy after: {res['healthy_after']}"
     )
+    for e in res["errors"][:5]:
+        print(f"  request {e['index']}: {e['error']}", file=sys.stderr)
     if args.json:
         atomic_write_text(Path(args.json), json.dumps(res, indent=1) + "\n")
     ok = res["answered"] == res["n_requests"] and res["sample_equal"] and res["healthy_after"]

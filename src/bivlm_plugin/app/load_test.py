@@ -3,7 +3,7 @@
 Every request is greedy with a fixed length (``ignore_eos``) and asks for its token ids, so a
 sample of them can be sent again one at a time and compared token for token: batching under
 load must not change what a request gets. Bounded in count (``n_requests``) and time (a
-timeout per request and one for the whole run); loopback only (the server is ``VllmServer``).
+timeout per request); loopback only (the server is ``VllmServer``).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from bivlm_plugin.app.serve import image_chat_body, post_json
+from bivlm_plugin.app.serve import chat_body, image_chat_body, post_json
 
 __all__ = ["mixed_requests", "percentile", "run_load_test"]
 
@@ -36,8 +36,7 @@ def mixed_requests(
 ) -> list[dict[str, Any]]:
     """``n`` chat bodies alternating image questions (``images``: (PNG, question)) and text-only
     prompts; greedy, exactly ``max_tokens`` tokens, token ids returned."""
-    if n < 1:
-        raise ValueError(f"--requests must be at least 1, got {n}")
+    _check_counts(n, 1)
     if not images:
         raise ValueError("mixed_requests needs at least one (image, question)")
     extra = {"ignore_eos": True, "return_token_ids": True}
@@ -48,16 +47,15 @@ def mixed_requests(
             bodies.append(image_chat_body(model, png, question, max_tokens, **extra))
         else:
             text = text_prompts[(i // 2) % len(text_prompts)]
-            bodies.append(
-                {
-                    "model": model,
-                    "messages": [{"role": "user", "content": text}],
-                    "max_tokens": max_tokens,
-                    "temperature": 0.0,
-                    **extra,
-                }
-            )
+            bodies.append(chat_body(model, text, max_tokens, **extra))
     return bodies
+
+
+def _check_counts(n_requests: int, concurrency: int) -> None:
+    if n_requests < 1:
+        raise ValueError(f"--requests must be at least 1, got {n_requests}")
+    if concurrency < 1:
+        raise ValueError(f"--concurrency must be at least 1, got {concurrency}")
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -106,9 +104,8 @@ def run_load_test(
         the concurrent requests, ``wall_s``, ``sample_indices``, ``sample_equal`` (token ids
         of the sample equal to the one-by-one answers), ``mismatches``, ``healthy_after``.
     """
-    if concurrency < 1:
-        raise ValueError(f"--concurrency must be at least 1, got {concurrency}")
     n = len(bodies)
+    _check_counts(n, concurrency)
     t0 = time.perf_counter()
     with ThreadPoolExecutor(max_workers=min(concurrency, n)) as ex:
         results = list(ex.map(lambda b: _one(url, b, timeout_s), bodies))
@@ -158,6 +155,7 @@ def load_test_folder(
     from bivlm_plugin.app.serve import VllmServer
     from bivlm_plugin.eval.vqa import p2_items
 
+    _check_counts(n_requests, concurrency)  # before a server start costs a minute
     items = p2_items(8)
     images = [(Path(it.image_path).read_bytes(), it.question) for it in items]
     server = VllmServer(

@@ -28,6 +28,7 @@ from typing import Any
 
 __all__ = [
     "VllmServer",
+    "chat_body",
     "chat_image",
     "free_port",
     "image_chat_body",
@@ -174,26 +175,27 @@ def post_json(url: str, payload: dict, timeout_s: float = 300) -> dict:
         return json.loads(resp.read())
 
 
+def chat_body(model: str, content: Any, max_tokens: int = 8, **extra: Any) -> dict[str, Any]:
+    """An OpenAI chat request body with one user message (a string or content parts), greedy."""
+    return {
+        "model": model,
+        "messages": [{"role": "user", "content": content}],
+        "max_tokens": max_tokens,
+        "temperature": 0.0,
+        **extra,
+    }
+
+
 def image_chat_body(
     model: str, png: bytes, question: str, max_tokens: int = 8, **extra: Any
 ) -> dict[str, Any]:
     """An OpenAI chat request body: one inline PNG (data URL) and a question, greedy."""
     data_url = "data:image/png;base64," + base64.b64encode(png).decode()
-    return {
-        "model": model,
-        "messages": [
-            {
-                "role": "user",
-                "content": [
-                    {"type": "image_url", "image_url": {"url": data_url}},
-                    {"type": "text", "text": question},
-                ],
-            }
-        ],
-        "max_tokens": max_tokens,
-        "temperature": 0.0,
-        **extra,
-    }
+    content = [
+        {"type": "image_url", "image_url": {"url": data_url}},
+        {"type": "text", "text": question},
+    ]
+    return chat_body(model, content, max_tokens, **extra)
 
 
 def chat_image(

@@ -81,6 +81,19 @@ def test_quantize_writes_report_and_evaluates(
     res = json.loads(ppl_json.read_text())
     assert res["quantization"]["method"] == "bivlm" and res["n_tokens"] == 32704
 
+    # bivlm report on what the two commands wrote: every layer with its bits and errors, and
+    # the P1-vs-bits plot with this model's point.
+    capsys.readouterr()
+    rep = tmp_path / "rep"
+    assert main(["report", str(out), str(ppl_json), "--out-dir", str(rep)]) == 0
+    printed = capsys.readouterr().out
+    for layer in report["layers"]:
+        assert f"| {layer['name']} |" in printed
+    assert f"{report['storage_bits_from_files']:.3f} in the files" in printed
+    assert (rep / "p1_vs_bits.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not (rep / "p2_vs_bits.png").exists()  # no P2 evaluation given
+    assert f"{res['ppl']:,.2f}" in (rep / "report.md").read_text()
+
 
 def test_quantize_refuses_to_overwrite(tiny_llama_dir, wikitext_dir, tmp_path, capsys) -> None:
     out = tmp_path / "exists"

@@ -328,6 +328,26 @@ def _cmd_recipes(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_report(args: argparse.Namespace) -> int:
+    from bivlm_plugin.app.report import collect, write_report
+
+    if args.top < 1:
+        raise ValueError(f"--top {args.top}: give at least 1 (the layers listed by error)")
+    results = collect(args.paths)
+    if results.empty():
+        raise ValueError(
+            f"nothing to report in {', '.join(args.paths)}: no bivlm_report.json, evaluation "
+            f"JSON (bivlm eval ppl / vqa --json) or prune_study.json found "
+            f"({len(results.skipped)} other JSON files)"
+        )
+    text, written = write_report(results, Path(args.out_dir), top=args.top)
+    print(text)
+    for path in written:
+        print(f"wrote {path}")
+    print(f"wrote {Path(args.out_dir) / 'report.md'}")
+    return 0
+
+
 def _cmd_ask(args: argparse.Namespace) -> int:
     from bivlm_plugin.app.ask import ask
 
@@ -589,6 +609,35 @@ def build_parser() -> argparse.ArgumentParser:
         help="the shipped recipes (names for --recipe) with their first comment line",
     )
     p.set_defaults(func=_cmd_recipes)
+
+    p = sub.add_parser(
+        "report",
+        help="per-layer bits and errors of quantized folders; P1 / P2 vs bits and pruning plots",
+        description="Reads what bivlm quantize (bivlm_report.json), bivlm eval ppl / vqa --json "
+        "and bivlm analyze pruning (prune_study.json) wrote. For each quantized folder it prints "
+        "a per-part summary, the layers with the largest relative error and every layer's "
+        "weight bits, storage bits (counted and read from the files), calibration-weighted and "
+        "relative error, salient share and rings. From evaluation JSONs it tabulates every "
+        "model and plots P1 and P2 against storage bits, one colour per method "
+        "(p1_vs_bits.png, p2_vs_bits.png); from a pruning study it plots the curve "
+        "(pruning.png). Examples: bivlm report OUT; bivlm report docs/measurements --out-dir "
+        "docs/plots",
+    )
+    p.add_argument(
+        "paths",
+        nargs="+",
+        metavar="PATH",
+        help="a quantized folder, one of the JSON files above, or a folder searched for them",
+    )
+    p.add_argument(
+        "--out-dir",
+        default="bivlm-report",
+        help="PNG plots and report.md go here (default ./bivlm-report)",
+    )
+    p.add_argument(
+        "--top", type=int, default=5, help="how many layers to list by largest error (default 5)"
+    )
+    p.set_defaults(func=_cmd_report)
 
     p = sub.add_parser(
         "ask",

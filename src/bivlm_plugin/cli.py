@@ -22,7 +22,7 @@ import logging
 import sys
 from pathlib import Path
 
-from bivlm_plugin.utils import atomic_write_text, environment_info
+from bivlm_plugin.utils import DTYPE_CHOICES, atomic_write_text, compute_dtype, environment_info
 
 logger = logging.getLogger("bivlm_plugin")
 
@@ -101,6 +101,7 @@ def _cmd_eval_vqa(args: argparse.Namespace) -> int:
     from bivlm_plugin.eval.vqa import PROTOCOLS, evaluate_vqa, load_vlm, p2_items, plain_generate
     from bivlm_plugin.pruning.scores import SCORES, keep_count
 
+    args.dtype = compute_dtype(args.dtype)  # recorded in the JSON as resolved
     dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}[args.dtype]
     protocol = PROTOCOLS[args.protocol]
     items = p2_items(args.limit, protocol)  # validates --limit before the model loads
@@ -190,6 +191,7 @@ def _cmd_bench_kernel(args: argparse.Namespace) -> int:
     from bivlm_plugin.kernels.bench import main as bench_main
 
     argv = ["--repeats", str(args.repeats), "--n-rings", str(args.n_rings)]
+    argv += ["--kernel", args.kernel]
     for flag, value in (
         ("--json", args.json),
         ("--shapes", args.shapes),
@@ -223,10 +225,16 @@ def _cmd_bench_serve(args: argparse.Namespace) -> int:
             f"(quantization={s['quantization']})"
         )
     r = res["ratios"]
-    print(
-        f"bivlm decode: {r['decode_vs_bf16']:.2f}x bf16, {r['decode_vs_w4a16']:.2f}x W4A16; "
-        f"TTFT speedup: {r['ttft_vs_bf16']:.2f}x bf16, {r['ttft_vs_w4a16']:.2f}x W4A16"
-    )
+    dense = f"dense ({res['protocol']['dense_peer_dtype']})"
+    line = f"bivlm decode: {r['decode_vs_bf16']:.2f}x {dense}"
+    if "decode_vs_w4a16" in r:
+        line += f", {r['decode_vs_w4a16']:.2f}x W4A16"
+    line += f"; TTFT speedup: {r['ttft_vs_bf16']:.2f}x {dense}"
+    if "ttft_vs_w4a16" in r:
+        line += f", {r['ttft_vs_w4a16']:.2f}x W4A16"
+    print(line)
+    if res["w4a16_unavailable"]:
+        print(f"no W4A16 peer: {res['w4a16_unavailable']}")
     if args.json:
         atomic_write_text(Path(args.json), json.dumps(res, indent=1) + "\n")
     return 0
@@ -401,6 +409,12 @@ def _cmd_analyze_pruning(args: argparse.Namespace) -> int:
     return 0
 
 
+AUTO_DTYPE_HELP = (
+    '"auto" (default) is bfloat16 where the CPU runs it natively (AVX512), float32 elsewhere '
+    "(emulated bf16 is tens of times slower on AVX2-only CPUs)"
+)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="bivlm", description=__doc__.split("\n\n")[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -453,9 +467,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=16, help="prompts per generate call")
     p.add_argument(
         "--dtype",
-        default="bfloat16",
-        choices=["bfloat16", "float32"],
-        help="compute dtype of the dense parts (default bfloat16, as served)",
+        default="auto",
+        choices=DTYPE_CHOICES,
+        help="compute dtype of the dense parts: " + AUTO_DTYPE_HELP,
     )
     p.add_argument(
         "--prune-ratio",
@@ -583,7 +597,9 @@ def build_parser() -> argparse.ArgumentParser:
         "NUMA node 0's memory and fails to start on small machines); default 1",
     )
     p.add_argument("--max-model-len", type=int, default=512, help="context length (default 512)")
-    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    p.add_argument(
+        "--dtype", default="auto", choices=DTYPE_CHOICES, help="vLLM's dtype: " + AUTO_DTYPE_HELP
+    )
     p.add_argument(
         "--compiled",
         action="store_true",
@@ -706,7 +722,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--prune-ratio", type=float, default=None, help="override the checkpoint's pruning ratio"
     )
     p.add_argument("--prune-score", default=None, help="text-agnostic score with --prune-ratio")
-    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    p.add_argument(
+        "--dtype", default="auto", choices=DTYPE_CHOICES, help="vLLM's dtype: " + AUTO_DTYPE_HELP
+    )
     p.add_argument("--log", help="server log (default: $BIVLM_HOME/logs/load-NAME.log)")
     p.add_argument("--json", help="write the result here")
     p.set_defaults(func=_cmd_bench_load)
@@ -717,6 +735,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-rings", type=int, default=1)
     p.add_argument("--shapes", help="e.g. 4096x4096,576x576 (default: 4096x4096 + SmolLM2's)")
     p.add_argument("--batches", help="e.g. 1,8,64 (default)")
+    p.add_argument(
+        "--kernel",
+        default="cpu",
+        help="kernel to time: cpu (AVX512, default), dequant_gemm, reference; a kernel that "
+        "cannot run here fails naming those that can",
+    )
     p.set_defaults(func=_cmd_bench_kernel)
     p = bench_sub.add_parser(
         "serve", help="vLLM decode tok/s and TTFT: bivlm vs its bf16 and W4A16 peers, same run"
@@ -728,7 +752,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompts", type=int, default=8)
     p.add_argument("--prompt-tokens", type=int, default=128)
     p.add_argument("--max-tokens", type=int, default=64)
-    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument(
+        "--dtype", default="auto", choices=DTYPE_CHOICES, help="vLLM's dtype: " + AUTO_DTYPE_HELP
+    )
     p.add_argument(
         "--eager",
         action="store_true",

@@ -24,7 +24,7 @@ def main(model: str, ratio: float, score: str, n: int, out_path: str) -> None:
     items = [qs[0] for qs in list(easy_vqa_by_image(P2.split).values())[: n + 1]]
     llm = LLM(
         model=model,
-        dtype="bfloat16",
+        dtype="auto",
         max_model_len=512,
         max_num_seqs=1,
         seed=0,

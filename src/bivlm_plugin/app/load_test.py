@@ -147,7 +147,7 @@ def load_test_folder(
     max_tokens: int = 8,
     prune_ratio: float | None = None,
     prune_score: str | None = None,
-    dtype: str = "bfloat16",
+    dtype: str = "auto",
     max_model_len: int = 512,
 ) -> dict[str, Any]:
     """Serve ``folder`` with ``VllmServer`` and run ``run_load_test`` on it with easy-VQA test

@@ -14,6 +14,7 @@ tokenizer and ``bivlm_report.json`` are all saved: an interrupted run leaves not
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import logging
 import math
@@ -38,7 +39,7 @@ from bivlm_plugin.pruning.scores import (
     SERVING_SCORES,
     keep_count,
 )
-from bivlm_plugin.utils import atomic_directory, environment_info
+from bivlm_plugin.utils import atomic_directory, environment_info, fast_bf16
 
 __all__ = [
     "apply_overrides",
@@ -171,6 +172,7 @@ def quantize_model(
         "recipe": parsed,
         "source_model": str(model_dir.resolve()),
         "calibration": calib.info,
+        "calibration_dtype": str(calib.model.dtype).removeprefix("torch."),
         "environment": environment_info(),
         "layers": summary.get("layers", []),
     }
@@ -215,7 +217,7 @@ def _text_calibration(model_dir: Path, data, n: int | None) -> _Calibration:
     dataset = Dataset.from_dict(
         {"input_ids": windows.tolist(), "attention_mask": torch.ones_like(windows).tolist()}
     )
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=calibration_dtype())
     info = {"protocol": P1.name, "windows": int(windows.shape[0]), "seqlen": P1.seqlen}
     return _Calibration(model, tok, dataset, "truncation", int(windows.shape[0]), P1.seqlen, info)
 
@@ -247,7 +249,7 @@ def _vlm_calibration(
     dataset, longest = easy_vqa_calibration(
         processor, _check_count(n, VLM_CALIBRATION_SAMPLES), text_tokens=text_tokens, data=data
     )
-    model = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=torch.bfloat16)
+    model = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=calibration_dtype())
     text = f", each followed by {text_tokens} tokens of a P1 calibration window"
     info = {
         "data": "easy-VQA train, one triple per image (easy_vqa_calibration)"
@@ -255,7 +257,8 @@ def _vlm_calibration(
         "samples": len(dataset),
         "text_tokens_per_sample": text_tokens,
     }
-    return _Calibration(model, processor, dataset, collate_one, len(dataset), longest, info)
+    collate = functools.partial(collate_one, dtype=model.dtype)
+    return _Calibration(model, processor, dataset, collate, len(dataset), longest, info)
 
 
 def easy_vqa_calibration(
@@ -325,15 +328,26 @@ def _text_windows(processor, n: int, text_tokens: int, data) -> torch.Tensor:
     return windows[:n, :text_tokens]
 
 
-def collate_one(batch: list[dict]) -> dict[str, torch.Tensor]:
-    """Batch size 1: samples are stored exactly as the processor returned them."""
+def collate_one(batch: list[dict], dtype: torch.dtype = torch.bfloat16) -> dict[str, torch.Tensor]:
+    """Batch size 1: samples are stored exactly as the processor returned them; floating
+    tensors (pixel values) are cast to ``dtype``, the calibrated model's."""
     if len(batch) != 1:
         raise ValueError(f"VLM calibration runs with batch size 1, got {len(batch)}")
     out = {}
     for key, value in batch[0].items():
         t = torch.tensor(value)
-        out[key] = t.to(torch.bfloat16) if t.is_floating_point() else t
+        out[key] = t.to(dtype) if t.is_floating_point() else t
     return out
+
+
+def calibration_dtype() -> torch.dtype:
+    """The dtype a model is loaded in for calibration: bfloat16 where the CPU runs it natively
+    (or on CUDA), else float32 (``utils.fast_bf16``: emulated bf16 is tens of times slower).
+    The dense parts are saved in bfloat16 either way (``_save_atomically``): the sources are
+    bf16 folders, so the float32 round trip of the layers left unquantized is exact."""
+    if torch.cuda.is_available() or fast_bf16():
+        return torch.bfloat16
+    return torch.float32
 
 
 def apply_overrides(recipe: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
@@ -417,6 +431,8 @@ def _save_atomically(
     pruning: dict[str, Any] | None = None,
 ) -> None:
     """Save into a temporary sibling; with packed layers, add bits measured on the files."""
+    if model.dtype != torch.bfloat16:  # calibrated in float32 (calibration_dtype)
+        model.to(torch.bfloat16)
     with atomic_directory(output) as tmp:
         model.save_pretrained(tmp, save_compressed=compressed)
         if not compressed and not in_features:

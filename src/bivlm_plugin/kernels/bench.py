@@ -52,7 +52,9 @@ def run_kernel_bench(
     repeats: int = 20,
     warmup: int = 3,
 ) -> dict:
-    """Median time of ``kernel`` vs bf16 ``F.linear`` per shape and batch, in one process.
+    """Median time of ``kernel`` vs bf16 and float32 ``F.linear`` per shape and batch, in one
+    process. Both peers are reported: on CPUs without native bf16 (AVX2-only) torch emulates the
+    bf16 matmul and ``speedup_vs_bf16`` flatters any kernel; ``speedup_vs_fp32`` does not.
 
     Args:
         shapes: (out, in) layer shapes.
@@ -67,9 +69,13 @@ def run_kernel_bench(
     dequantize-then-GEMM beyond).
 
     Returns:
-        {"kernel", "threads", "n_rings", "p_sal", "cases": [{"out", "in", "batch",
-        "binary_ms", "bf16_ms", "speedup_vs_bf16", "path"}, ...]}.
+        {"kernel", "threads", "n_rings", "p_sal", "fast_bf16", "cases": [{"out", "in", "batch",
+        "binary_ms", "bf16_ms", "fp32_ms", "speedup_vs_bf16", "speedup_vs_fp32", "path"}, ...]}.
+
+    Raises ValueError naming the kernel, why it cannot run here and the kernels that can.
     """
+    from bivlm_plugin.utils import fast_bf16
+
     by_name = {k.name: k for k in available_kernels()}
     if kernel not in by_name:
         raise ValueError(f"kernel {kernel!r} is not registered; choose from {sorted(by_name)}")
@@ -80,19 +86,25 @@ def run_kernel_bench(
         packed, layout = pack(codes), layout_of(codes)
         prepare = getattr(kern, "prepare", None)
         prepared = prepare(packed, layout) if prepare is not None else None
-        w_bf16 = torch.randn(out_f, in_f).to(torch.bfloat16)
+        w_fp32 = torch.randn(out_f, in_f)
+        w_bf16 = w_fp32.to(torch.bfloat16)
         for batch in batches:
             x = torch.randn(batch, in_f).to(dtype)
-            xb = x.to(torch.bfloat16)
+            xb, xf = x.to(torch.bfloat16), x.float()
             ok, reason = kern.can_implement(x, layout)
             if not ok:
-                raise RuntimeError(f"kernel {kernel!r} cannot run {layout}: {reason}")
+                able = [k.name for k in by_name.values() if k.can_implement(x, layout)[0]]
+                raise ValueError(
+                    f"kernel {kernel!r} cannot run {layout} here: {reason}; choose one that "
+                    f"can with --kernel: {able}"
+                )
             if prepared is not None:  # what serving runs: GEMV up to its row limit, else
                 call = functools.partial(prepared.linear, x)  # dequantize-then-GEMM
             else:
                 call = functools.partial(kern.run, x, packed, layout, None)
             t_bin = _median_time(call, repeats, warmup)
             t_ref = _median_time(lambda xb=xb, w=w_bf16: F.linear(xb, w), repeats, warmup)
+            t_f32 = _median_time(lambda xf=xf, w=w_fp32: F.linear(xf, w), repeats, warmup)
             cases.append(
                 {
                     "out": out_f,
@@ -100,7 +112,9 @@ def run_kernel_bench(
                     "batch": batch,
                     "binary_ms": t_bin * 1e3,
                     "bf16_ms": t_ref * 1e3,
+                    "fp32_ms": t_f32 * 1e3,
                     "speedup_vs_bf16": t_ref / t_bin,
+                    "speedup_vs_fp32": t_f32 / t_bin,
                     "path": "prepared" if prepared is not None else "op",
                 }
             )
@@ -110,6 +124,7 @@ def run_kernel_bench(
         "n_rings": n_rings,
         "p_sal": p_sal,
         "dtype": str(dtype),
+        "fast_bf16": fast_bf16(),
         "cases": cases,
     }
 
@@ -121,17 +136,23 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--n-rings", type=int, default=1)
     ap.add_argument("--shapes", default=None, help="e.g. 4096x4096,576x576")
     ap.add_argument("--batches", default=None, help="e.g. 1,8,64")
+    ap.add_argument("--kernel", default="cpu", help="registry name of the kernel (default cpu)")
     args = ap.parse_args(argv)
     shapes = DEFAULT_SHAPES
     if args.shapes:
         shapes = tuple(tuple(int(v) for v in s.split("x")) for s in args.shapes.split(","))
     batches = tuple(int(b) for b in args.batches.split(",")) if args.batches else DEFAULT_BATCHES
-    res = run_kernel_bench(shapes, batches, n_rings=args.n_rings, repeats=args.repeats)
+    res = run_kernel_bench(
+        shapes, batches, kernel=args.kernel, n_rings=args.n_rings, repeats=args.repeats
+    )
     print(f"kernel={res['kernel']} threads={res['threads']} n_rings={res['n_rings']}")
+    if not res["fast_bf16"]:
+        print("this CPU emulates bf16 matmuls: the bf16 peer is slow here, compare with fp32")
     for c in res["cases"]:
         print(
             f"{c['out']:>5}x{c['in']:<5} batch {c['batch']:>3}: binary {c['binary_ms']:.3f} ms"
-            f"  bf16 {c['bf16_ms']:.3f} ms  speedup {c['speedup_vs_bf16']:.2f}x"
+            f"  bf16 {c['bf16_ms']:.3f} ms ({c['speedup_vs_bf16']:.2f}x)  fp32 {c['fp32_ms']:.3f}"
+            f" ms ({c['speedup_vs_fp32']:.2f}x)"
         )
     if args.json:
         from pathlib import Path

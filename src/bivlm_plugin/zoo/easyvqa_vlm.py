@@ -36,6 +36,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from bivlm_plugin.utils import environment_info, fast_bf16
 from bivlm_plugin.zoo.registry import ZooEntry
 
 logger = logging.getLogger(__name__)
@@ -366,7 +367,7 @@ def _pretrain_vision(model, images: list[_Image], recipe: VlmRecipe) -> dict:
         x = torch.stack([im.pixels for im in batch])
         shape = torch.tensor([im.shape for im in batch])
         color = torch.tensor([im.color for im in batch])
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=fast_bf16()):
             feats = tower(x).last_hidden_state[:, 1:].mean(1)
             logits = heads(feats).float()
         loss = F.cross_entropy(logits[:, :3], shape, ignore_index=-1) + F.cross_entropy(
@@ -438,7 +439,7 @@ def _align(model, prefix, train: list[_Image], recipe: VlmRecipe) -> dict:
             # predict block[i] from position i-1, for every answer token (and <|im_end|>)
             positions.append([list(range(s - 1, len(b) - 1)) for b, s in qs])
             targets += [t for b, s in qs for t in b[s:]]
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=fast_bf16()):
             logits = packed_answer_logits(
                 model, torch.stack([im.pixels for im in batch]), prefix, blocks, positions
             )
@@ -481,7 +482,15 @@ def build_vlm(out: Path, recipe: VlmRecipe) -> dict:
     train, held_out = images[: -recipe.val_images], images[-recipe.val_images :]
     model.requires_grad_(False)
     model.model.vision_tower.requires_grad_(True)
-    info = {"recipe": asdict(recipe), "n_image_tokens": recipe.n_image_tokens}
+    info = {
+        "recipe": asdict(recipe),
+        "n_image_tokens": recipe.n_image_tokens,
+        # bf16 autocast where the CPU runs bf16 natively; float32 elsewhere (emulated bf16 is
+        # tens of times slower on AVX2-only CPUs). The trained weights differ slightly between
+        # the two, as they do between any two CPUs' kernels.
+        "train_compute": "bfloat16 autocast" if fast_bf16() else "float32 (no fast bf16 here)",
+        "cpu_capability": environment_info()["cpu_capability"],
+    }
     info.update(_pretrain_vision(model, train, recipe))
     info["projector_init_scale"] = _match_embedding_scale(model, train)
     peft_model = _add_lora(model, recipe)
@@ -514,7 +523,8 @@ def _verify(folder: Path, image: _Image) -> dict:
     """Reload with transformers and answer one held-out question through ``generate``."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    model = AutoModelForImageTextToText.from_pretrained(folder, dtype=torch.bfloat16)
+    dtype = torch.bfloat16 if fast_bf16() else torch.float32
+    model = AutoModelForImageTextToText.from_pretrained(folder, dtype=dtype)
     processor = AutoProcessor.from_pretrained(folder)
     from PIL import Image
 

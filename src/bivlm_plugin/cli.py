@@ -22,7 +22,13 @@ import logging
 import sys
 from pathlib import Path
 
-from bivlm_plugin.utils import DTYPE_CHOICES, atomic_write_text, compute_dtype, environment_info
+from bivlm_plugin.utils import (
+    DTYPE_CHOICES,
+    atomic_write_text,
+    compute_dtype,
+    environment_info,
+    torch_dtype,
+)
 
 logger = logging.getLogger("bivlm_plugin")
 
@@ -96,13 +102,12 @@ def _cmd_eval_ppl(args: argparse.Namespace) -> int:
 
 
 def _cmd_eval_vqa(args: argparse.Namespace) -> int:
-    import torch
 
     from bivlm_plugin.eval.vqa import PROTOCOLS, evaluate_vqa, load_vlm, p2_items, plain_generate
     from bivlm_plugin.pruning.scores import SCORES, keep_count
 
     args.dtype = compute_dtype(args.dtype)  # recorded in the JSON as resolved
-    dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}[args.dtype]
+    dtype = torch_dtype(args.dtype)
     protocol = PROTOCOLS[args.protocol]
     items = p2_items(args.limit, protocol)  # validates --limit before the model loads
     keep_count(1, args.prune_ratio)  # validates the ratio (message names the range)

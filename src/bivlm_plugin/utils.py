@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import platform
 import shutil
@@ -19,7 +20,9 @@ __all__ = [
     "compute_dtype",
     "environment_info",
     "fast_bf16",
+    "save_figure",
     "sweep_stale_temporaries",
+    "torch_dtype",
 ]
 
 DTYPE_CHOICES = ("auto", "bfloat16", "float32")
@@ -113,14 +116,16 @@ def _cpu_capability() -> str | None:
         return None
 
 
+@functools.cache
 def fast_bf16() -> bool:
     """Whether bfloat16 matmuls run at full speed on this machine's CPU.
 
     True where oneDNN runs bf16 natively (AVX512 cores; ``torch.ops.mkldnn.
     _is_mkldnn_bf16_supported``). On AVX2-only CPUs torch emulates bf16 matmuls: a 512x576 @
-    576x576 product measured 160 ms in bf16 against 2.3 ms in float32 (AMD EPYC, AVX2, one
-    torch build, same process, 2026-12-02), so everything run in bf16 there (model builds,
-    evaluations, vLLM serving) is tens of times slower than the same work in float32.
+    576x576 product measured 137.9 ms in bf16 against 2.17 ms in float32 (AMD EPYC, AVX2, same
+    process, ``scripts/bf16_speed.py``, RESULTS 8), so everything run in bf16 there (model
+    builds, evaluations, vLLM serving) is tens of times slower than the same work in float32.
+    Cached: the answer is the machine's.
     """
     try:
         import torch
@@ -138,6 +143,27 @@ def compute_dtype(requested: str = "auto") -> str:
     if requested == "auto":
         return "bfloat16" if fast_bf16() else "float32"
     return requested
+
+
+def torch_dtype(requested: str = "auto"):
+    """The ``torch.dtype`` of :func:`compute_dtype` (``requested`` a ``--dtype`` value)."""
+    import torch
+
+    return getattr(torch, compute_dtype(requested))
+
+
+def save_figure(fig, path: Path, dpi: int = 120) -> None:
+    """Save a matplotlib figure beside ``path``, then rename: no half-written PNG is left."""
+    import matplotlib.pyplot as plt
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.writing-{os.getpid()}.png")
+    try:
+        fig.savefig(tmp, dpi=dpi)
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+        tmp.unlink(missing_ok=True)
 
 
 def environment_info() -> dict:

@@ -21,7 +21,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from bivlm_plugin.utils import atomic_write_text, environment_info
+from bivlm_plugin.utils import atomic_write_text, environment_info, save_figure
 
 __all__ = ["DEFAULT_RATIOS", "accuracy_sweep", "plot_sweep", "sweep_markdown", "vllm_ttft"]
 
@@ -117,11 +117,7 @@ def plot_sweep(rows: list[dict[str, Any]], path: Path, title: str) -> None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    os.replace(tmp, path)
+    save_figure(fig, path)
 
 
 def vllm_ttft(

@@ -39,7 +39,7 @@ from bivlm_plugin.pruning.scores import (
     SERVING_SCORES,
     keep_count,
 )
-from bivlm_plugin.utils import atomic_directory, environment_info, fast_bf16
+from bivlm_plugin.utils import atomic_directory, environment_info, torch_dtype
 
 __all__ = [
     "apply_overrides",
@@ -342,12 +342,10 @@ def collate_one(batch: list[dict], dtype: torch.dtype = torch.bfloat16) -> dict[
 
 def calibration_dtype() -> torch.dtype:
     """The dtype a model is loaded in for calibration: bfloat16 where the CPU runs it natively
-    (or on CUDA), else float32 (``utils.fast_bf16``: emulated bf16 is tens of times slower).
+    (or on CUDA), else float32 (``utils.torch_dtype``: emulated bf16 is tens of times slower).
     The dense parts are saved in bfloat16 either way (``_save_atomically``): the sources are
     bf16 folders, so the float32 round trip of the layers left unquantized is exact."""
-    if torch.cuda.is_available() or fast_bf16():
-        return torch.bfloat16
-    return torch.float32
+    return torch.bfloat16 if torch.cuda.is_available() else torch_dtype()
 
 
 def apply_overrides(recipe: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:

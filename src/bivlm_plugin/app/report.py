@@ -21,11 +21,12 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from bivlm_plugin.utils import atomic_write_text, save_figure
 
 __all__ = [
     "Results",
@@ -161,20 +162,34 @@ def _fmt(v: Any, spec: str = ".4g") -> str:
     return str(v)
 
 
+def _markdown(header: list[str], rows: Iterable[list[str]]) -> str:
+    """A Markdown table: the header row, the rule, one line per row."""
+    rule = "|" + "---|" * len(header)
+    lines = [f"| {' | '.join(cells)} |" for cells in (header, *rows)]
+    return "\n".join([lines[0], rule, *lines[1:]]) + "\n"
+
+
 def layer_table(rows: list[dict[str, Any]]) -> str:
     """Markdown: one line per layer."""
-    head = (
-        "| layer | part | shape | weight bits | storage bits | in files | error | rel. error | "
-        "p_sal | rings |\n|---|---|---|---|---|---|---|---|---|---|\n"
+    header = ["layer", "part", "shape", "weight bits", "storage bits", "in files", "error"]
+    return _markdown(
+        [*header, "rel. error", "p_sal", "rings"],
+        (
+            [
+                r["name"],
+                r["part"] or "-",
+                r["shape"],
+                _fmt(r["weight_bits"], ".3f"),
+                _fmt(r["storage_bits"], ".3f"),
+                _fmt(r["storage_bits_from_files"], ".3f"),
+                _fmt(r["error"]),
+                _fmt(r["relative_error"]),
+                _fmt(r["p_sal"]),
+                _fmt(r["n_rings"]),
+            ]
+            for r in rows
+        ),
     )
-    lines = [
-        f"| {r['name']} | {r['part'] or '-'} | {r['shape']} | {_fmt(r['weight_bits'], '.3f')} | "
-        f"{_fmt(r['storage_bits'], '.3f')} | {_fmt(r['storage_bits_from_files'], '.3f')} | "
-        f"{_fmt(r['error'])} | {_fmt(r['relative_error'])} | {_fmt(r['p_sal'])} | "
-        f"{_fmt(r['n_rings'])} |"
-        for r in rows
-    ]
-    return head + "\n".join(lines) + "\n"
 
 
 def _weighted(rows: list[dict[str, Any]], key: str) -> float | None:
@@ -210,17 +225,23 @@ def part_summary(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def _summary_table(summary: list[dict[str, Any]]) -> str:
-    head = (
-        "| part | layers | weights | weight bits | storage bits | in files | mean rel. error | "
-        "max rel. error |\n|---|---|---|---|---|---|---|---|\n"
+    header = ["part", "layers", "weights", "weight bits", "storage bits", "in files"]
+    return _markdown(
+        [*header, "mean rel. error", "max rel. error"],
+        (
+            [
+                s["part"],
+                str(s["layers"]),
+                f"{s['weights']:,}",
+                _fmt(s["weight_bits"], ".3f"),
+                _fmt(s["storage_bits"], ".3f"),
+                _fmt(s["storage_bits_from_files"], ".3f"),
+                _fmt(s["mean_relative_error"]),
+                _fmt(s["max_relative_error"]),
+            ]
+            for s in summary
+        ),
     )
-    lines = [
-        f"| {s['part']} | {s['layers']} | {s['weights']:,} | {_fmt(s['weight_bits'], '.3f')} | "
-        f"{_fmt(s['storage_bits'], '.3f')} | {_fmt(s['storage_bits_from_files'], '.3f')} | "
-        f"{_fmt(s['mean_relative_error'])} | {_fmt(s['max_relative_error'])} |"
-        for s in summary
-    ]
-    return head + "\n".join(lines) + "\n"
 
 
 # -- methods and plots -------------------------------------------------------------------------
@@ -284,30 +305,20 @@ def method_points(results: Results) -> list[dict[str, Any]]:
 
 
 def methods_table(points: list[dict[str, Any]]) -> str:
-    head = (
-        "| model | method | weight bits | storage bits | P1 ppl | P2 accuracy |\n"
-        "|---|---|---|---|---|---|\n"
+    return _markdown(
+        ["model", "method", "weight bits", "storage bits", "P1 ppl", "P2 accuracy"],
+        (
+            [
+                p["name"],
+                p["method"],
+                f"{p['weight_bits']:.3f}",
+                f"{p['storage_bits']:.3f}",
+                _fmt(p["p1"], ",.2f"),
+                _fmt(p["p2"], ".4f"),
+            ]
+            for p in points
+        ),
     )
-    lines = [
-        f"| {p['name']} | {p['method']} | {p['weight_bits']:.3f} | {p['storage_bits']:.3f} | "
-        f"{_fmt(p['p1'], ',.2f')} | {_fmt(p['p2'], '.4f')} |"
-        for p in points
-    ]
-    return head + "\n".join(lines) + "\n"
-
-
-def _save(fig: Any, path: Path) -> None:
-    """Write the figure next to its target, then rename: no half-written PNG is left."""
-    import matplotlib.pyplot as plt
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.writing-{os.getpid()}.png")
-    try:
-        fig.savefig(tmp, dpi=120)
-        os.replace(tmp, path)
-    finally:
-        plt.close(fig)
-        tmp.unlink(missing_ok=True)
 
 
 def plot_metric_vs_bits(points: list[dict[str, Any]], metric: str, path: Path) -> bool:
@@ -356,7 +367,7 @@ def plot_metric_vs_bits(points: list[dict[str, Any]], metric: str, path: Path) -
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    _save(fig, path)
+    save_figure(fig, path)
     return True
 
 
@@ -366,7 +377,6 @@ def write_report(results: Results, out_dir: Path, top: int = 5) -> tuple[str, li
     Also writes the text as ``out_dir / "report.md"``.
     """
     from bivlm_plugin.app.prune_study import plot_sweep
-    from bivlm_plugin.utils import atomic_write_text
 
     sections: list[str] = []
     written: list[Path] = []

@@ -213,9 +213,9 @@ def load_vlm(model_dir: str | Path, dtype: torch.dtype | None = None):
             "it. Save the processor with a chat_template."
         )
     if dtype is None:
-        from bivlm_plugin.utils import compute_dtype
+        from bivlm_plugin.utils import torch_dtype
 
-        dtype = getattr(torch, compute_dtype())
+        dtype = torch_dtype()
     model = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=dtype)
     model.eval()
     return model, processor

@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from bivlm_plugin.utils import environment_info, fast_bf16
+from bivlm_plugin.utils import environment_info, fast_bf16, torch_dtype
 from bivlm_plugin.zoo.registry import ZooEntry
 
 logger = logging.getLogger(__name__)
@@ -523,8 +523,7 @@ def _verify(folder: Path, image: _Image) -> dict:
     """Reload with transformers and answer one held-out question through ``generate``."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    dtype = torch.bfloat16 if fast_bf16() else torch.float32
-    model = AutoModelForImageTextToText.from_pretrained(folder, dtype=dtype)
+    model = AutoModelForImageTextToText.from_pretrained(folder, dtype=torch_dtype())
     processor = AutoProcessor.from_pretrained(folder)
     from PIL import Image
 

@@ -150,6 +150,8 @@ def test_save_is_atomic(tmp_path) -> None:
     from bivlm_plugin.app.quantize import _save_atomically
 
     class Boom:
+        dtype = torch.bfloat16  # _save_atomically casts a float32-calibrated model first
+
         def save_pretrained(self, path, **kwargs):
             (path / "half.safetensors").write_bytes(b"x")
             raise RuntimeError("disk full")

@@ -184,9 +184,11 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
         f"bits, {report['storage_bits']:.3f} storage bits per weight, {report['seconds']:.1f} s"
     )
     if report.get("storage_bits_from_files") is not None:
+        dense = report.get("dense_layers") or []
         print(
-            f"{report['format']}: {report['packed_layers']} packed layers, "
-            f"{report['storage_bits_from_files']:.3f} bits per weight in the saved files"
+            f"{report['format']}: {report['packed_layers']} packed layers"
+            + (f", {len(dense)} kept dense (16 bits; see dense_layers)" if dense else "")
+            + f", {report['storage_bits_from_files']:.3f} bits per weight in the saved files"
         )
     print(Path(args.output).resolve())
     return 0

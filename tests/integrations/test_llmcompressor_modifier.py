@@ -103,6 +103,12 @@ def test_shared_fields_reach_the_baselines() -> None:
     cfg = BiVLMModifier(method="billm", block_size=64, dampening_frac=0.05).layer_config("language")
     assert (cfg.block_size, cfg.percdamp, cfg.compensate) == (64, 0.05, True)
     assert BiVLMModifier(method="billm").layer_config("language").block_size == 128
+    # The authors' block update by default; a recipe may ask for ours (method_args).
+    assert BiVLMModifier(method="arb_rc").layer_config("language").faithful is True
+    ours = BiVLMModifier(method="billm", method_args={"faithful": False})
+    assert ours.layer_config("language").faithful is False
+    with pytest.raises(ValueError, match="faithful"):
+        BiVLMModifier(method="billm", method_args={"faithful": "yes"})
 
 
 def test_vision_layers_take_their_own_salient_share() -> None:

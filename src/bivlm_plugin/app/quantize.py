@@ -443,7 +443,12 @@ def _save_atomically(
         if rewrite_checkpoint_keys(tmp):  # e.g. LLaVA: the key layout vLLM reads
             report["checkpoint_keys"] = "published layout (format/serving_keys.py)"
         if in_features:
-            _add_file_bits(report, _file_bits_by_module(model, tmp, in_features), in_features)
+            _add_file_bits(
+                report,
+                _file_bits_by_module(model, tmp, in_features),
+                in_features,
+                dense_bits=torch.finfo(model.dtype).bits,
+            )
         elif compressed:
             report.update(compressed_tensors_file_bits(tmp))
         (tmp / "bivlm_report.json").write_text(json.dumps(report, indent=2) + "\n")
@@ -517,17 +522,38 @@ def compressed_tensors_file_bits(folder: Path) -> dict[str, Any]:
     }
 
 
-def _add_file_bits(report: dict, bits: dict[str, float], in_features: dict[str, int]) -> None:
-    """Per-layer and weighted-mean storage bits of the packed layers, from the written files."""
+def _add_file_bits(
+    report: dict, bits: dict[str, float], in_features: dict[str, int], dense_bits: int = 16
+) -> None:
+    """Per-layer and weighted-mean storage bits of the quantized layers, from the written files.
+
+    A quantized layer that could not be packed (``attach_packed`` warned about it) is saved as
+    its dense fake-quantized weight: it is charged ``dense_bits`` (the saved dtype's width), not
+    the packed rate its codes would take, and listed under ``dense_layers``.
+    """
     missing = sorted(set(in_features) - set(bits))
     if missing:
         raise RuntimeError(f"packed layers {missing[:5]} are missing from the saved files")
     total_w = total_b = 0.0
+    dense = []
     for layer in report["layers"]:
+        n = layer["shape"][0] * layer["shape"][1]
         if layer["name"] in bits:
-            n = layer["shape"][0] * layer["shape"][1]
             layer["storage_bits_from_files"] = bits[layer["name"]]
-            total_w += n
-            total_b += bits[layer["name"]] * n
+        else:
+            layer["storage_bits_from_files"] = float(dense_bits)
+            layer["kept_dense"] = True
+            dense.append(layer["name"])
+        total_w += n
+        total_b += layer["storage_bits_from_files"] * n
+    if dense:
+        logger.warning(
+            "%d quantized layers could not be packed and are saved dense at %d bits per weight "
+            "(counted so in storage_bits_from_files): %s",
+            len(dense),
+            dense_bits,
+            dense[:5],
+        )
     report["packed_layers"] = len(bits)
+    report["dense_layers"] = dense
     report["storage_bits_from_files"] = total_b / total_w if total_w else None

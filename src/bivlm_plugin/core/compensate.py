@@ -25,6 +25,8 @@ def gptq_compensate(
     hinv_upper: torch.Tensor,
     quantize_block: BlockQuantizer,
     block_size: int = 128,
+    *,
+    in_block: bool = True,
 ) -> torch.Tensor:
     """Quantize ``weight`` block by block, compensating each column's error on later columns.
 
@@ -33,6 +35,11 @@ def gptq_compensate(
         hinv_upper: (in, in) upper Cholesky factor of the damped inverse Hessian.
         quantize_block: the method's block quantizer (see ``BlockQuantizer``).
         block_size: columns per block; the last block may be narrower.
+        in_block: also spread each column's error onto the later columns of its own block
+            before the next column's error is taken (the exact OBC update for fixed codes).
+            False is the BiLLM / ARB-LLM research code (``BRAGPTQ.fasterquant``): every
+            column's error is taken against the block as it was quantized, and the block's
+            errors are spread onto the columns after the block only.
 
     Returns:
         (out, in) float32 dequantized weight W_hat.
@@ -55,12 +62,15 @@ def gptq_compensate(
             raise RuntimeError(
                 f"block quantizer returned shape {tuple(q_b.shape)}, expected {tuple(w_b.shape)}"
             )
-        err_b = torch.empty_like(w_b)
-        for i in range(c1 - c0):
-            d = hinv_b[i, i]
-            err = (w_b[:, i] - q_b[:, i]) / d
-            w_b[:, i:] -= err.unsqueeze(1) * hinv_b[i, i:].unsqueeze(0)
-            err_b[:, i] = err
+        if in_block:
+            err_b = torch.empty_like(w_b)
+            for i in range(c1 - c0):
+                d = hinv_b[i, i]
+                err = (w_b[:, i] - q_b[:, i]) / d
+                w_b[:, i:] -= err.unsqueeze(1) * hinv_b[i, i:].unsqueeze(0)
+                err_b[:, i] = err
+        else:
+            err_b = (w_b - q_b) / torch.diagonal(hinv_b).unsqueeze(0)
         w_hat[:, c0:c1] = q_b
         w[:, c1:] -= err_b @ hinv_upper[c0:c1, c1:]
     return w_hat

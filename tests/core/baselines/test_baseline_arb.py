@@ -143,7 +143,7 @@ def test_arb_quality_floor_and_ordering(weight_factory, hessian_factory):
     rc = quantize_arb_rc(w, h, ArbRcConfig())
     billm = quantize_billm(w, h, BillmConfig())
     rtn = quantize_rtn_sign(w, h, RtnSignConfig())
-    # Measured output error / tr(W H W^T): arb_x 0.1407, arb_rc 0.1171, billm 0.2013, rtn 0.5005.
+    # Measured output error / tr(W H W^T): arb_x 0.1444, arb_rc 0.1239, billm 0.2081, rtn 0.5005.
     assert x.error / ref < 0.155
     assert rc.error / ref < 0.13
     assert x.error < billm.error < rtn.error
@@ -153,9 +153,11 @@ def test_arb_quality_floor_and_ordering(weight_factory, hessian_factory):
 def test_arb_compensation_lowers_output_error(weight_factory, hessian_factory):
     w, h = weight_factory(32, 256), hessian_factory(256)
     on = quantize_arb_rc(w, h, ArbRcConfig())
+    in_block = quantize_arb_rc(w, h, ArbRcConfig(faithful=False))
     off = quantize_arb_rc(w, h, ArbRcConfig(compensate=False))
-    # Measured 1.961 vs 2.142 (0.916x).
-    assert on.error < 0.96 * off.error
+    # Measured: the authors' block update 2.074, ours (in-block too) 1.961, none 2.142.
+    assert on.error < 0.99 * off.error
+    assert in_block.error < 0.96 * off.error
 
 
 @pytest.mark.parametrize("n_in, n_blocks", [(545, 5), (1536, 12)])

@@ -149,6 +149,7 @@ def run_blockwise(
     block_size: int,
     compensate: bool,
     percdamp: float,
+    faithful: bool = True,
 ) -> tuple[torch.Tensor, Counter[str], int]:
     """Run a block quantizer over the columns, with or without GPTQ / OBC compensation.
 
@@ -165,6 +166,9 @@ def run_blockwise(
         block_size: columns per block; the last block may be narrower.
         compensate: spread each block's error onto later columns (GPTQ).
         percdamp: Hessian damping, share of the mean diagonal.
+        faithful: the research code's update (errors from the block as quantized, spread onto
+            later blocks only); False also spreads each error inside its block
+            (``gptq_compensate(in_block=True)``).
 
     Returns:
         (w_hat (out, in) float32, stored bits summed over blocks, number of blocks).
@@ -187,7 +191,7 @@ def run_blockwise(
         return q_b
 
     if compensate:
-        w_hat = gptq_compensate(w, hinv, quantize_block, block_size)
+        w_hat = gptq_compensate(w, hinv, quantize_block, block_size, in_block=not faithful)
     else:
         w_hat = torch.empty_like(w)
         for c0 in range(0, n_in, block_size):

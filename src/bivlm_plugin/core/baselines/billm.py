@@ -29,11 +29,12 @@ Faithfulness notes:
       does (``structural_searching(target_weights, ...)``); ``"weight"`` keeps the metric for the
       column ranking but scores candidates and places the break point on the weights, as the
       paper's text reads. With ``salient_metric="magnitude"`` both are the same.
-    * Compensation uses the shared ``gptq_compensate``: like BiLLM the whole block is quantized
-      first, but the shared loop also propagates each column's error to the later columns of the
-      same block before taking the next column's error, while the research code accumulates
-      errors of the uncompensated in-block columns. For fixed in-block codes the shared loop is
-      the exact OBC update, so it never does worse in the quadratic model.
+    * Compensation (``faithful=True``, the default) is the research code's: the whole block is
+      quantized first, every column's error is taken against the block as quantized, and the
+      block's errors are spread onto the columns after it only. ``faithful=False`` runs the
+      shared ``gptq_compensate`` update, which also spreads each column's error onto the later
+      columns of its own block (the exact OBC update for fixed codes). The two measure
+      differently at P1 (docs/RESULTS.md section 9); the baseline rows use the faithful one.
     * Narrow blocks (the last block of in = 545, 576...): the code calls ``topk(·, 50)`` and would
       fail below 50 columns; here the search stops at b - 1 salient columns (none when b = 1).
     * A stored plane has no zero: an entry exactly at its mean gets +1 (``torch.sign`` gives 0).
@@ -111,6 +112,9 @@ class StructuredSearchConfig:
         compensate: GPTQ / OBC error compensation between columns (the code's default; False is
             its ``--disable_gptq``).
         percdamp: Hessian damping as a share of its mean diagonal.
+        faithful: the research code's block update (``BRAGPTQ.fasterquant``: in-block errors
+            taken against the quantized block, spread onto later blocks only); False spreads
+            each column's error inside its block too (see module doc).
     """
 
     block_size: int = 128
@@ -122,6 +126,7 @@ class StructuredSearchConfig:
     search_on: str = "metric"
     compensate: bool = True
     percdamp: float = 0.01
+    faithful: bool = True
 
     def __post_init__(self) -> None:
         name = type(self).__name__
@@ -149,6 +154,11 @@ class StructuredSearchConfig:
             )
         if not isinstance(self.compensate, bool):
             raise ValueError(f"{name}.compensate must be a bool, got {self.compensate!r}")
+        if not isinstance(self.faithful, bool):
+            raise ValueError(
+                f"{name}.faithful must be a bool (true: the authors' block update), got "
+                f"{self.faithful!r}"
+            )
         if not 0.0 <= self.percdamp < 1.0:
             raise ValueError(f"{name}.percdamp must be in [0, 1), got {self.percdamp!r}")
 
@@ -422,6 +432,7 @@ def blockwise_result(
         block_size=config.block_size,
         compensate=config.compensate,
         percdamp=config.percdamp,
+        faithful=config.faithful,
     )
     out, n_in = w.shape
     bits = BitCount.from_breakdown(out * n_in, plane_bits(tally), tally)

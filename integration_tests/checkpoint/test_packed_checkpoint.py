@@ -316,3 +316,60 @@ def test_bivlm_quantize_writes_packed_and_eval_ppl_loads_it(
     assert main([*argv, *common]) == 0
     assert json.loads((fake / "bivlm_report.json").read_text())["format"] == "fake-quantized bf16"
     assert "quantization_config" not in json.loads((fake / "config.json").read_text())
+
+
+ALLOCATION_RECIPE = """
+quant_stage:
+  quant_modifiers:
+    BiVLMModifier:
+      targets: [Linear]
+      ignore: [lm_head]
+      refine_iters: 1
+      allocation: model
+      bit_budget: 2.6
+      n_rings_candidates: [1, 2]
+      p_sal_candidates: [0.0, 0.02, 0.05]
+"""
+
+
+def test_model_wide_allocation_mixes_layouts_and_serves_packed(
+    tiny_llama_dir, tiny_tokenizer, tmp_path
+) -> None:
+    """allocation: model gives layers different salient shares and ring counts under one
+    model-wide average; the mixed layouts save packed and load back with equal logits."""
+    from transformers import AutoModelForCausalLM
+
+    from oneshot_helpers import oneshot_on_random_tokens
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32)
+    ids = oneshot_on_random_tokens(model, tiny_tokenizer, ALLOCATION_RECIPE, 300)
+    mod = _modifier()
+    summary = mod.summary()
+    assert summary["allocation"] == {"mode": "model", "bit_budget": 2.6}
+    assert summary["storage_bits"] <= 2.6 + 1e-9
+    chosen = {(lay["info"]["p_sal"], lay["info"]["n_rings"]) for lay in summary["layers"]}
+    assert len(chosen) >= 2, chosen  # the budget was spent unevenly
+    for lay in summary["layers"]:
+        opts = lay["info"]["allocation"]["options"]
+        assert len(opts) == 6  # 3 shares x 2 ring counts, each fully quantized
+        mine = [
+            o
+            for o in opts
+            if (o["p_sal"], o["n_rings"]) == (lay["info"]["p_sal"], lay["info"]["n_rings"])
+        ]
+        assert mine and mine[0]["storage_bits"] == pytest.approx(lay["storage_bits"])
+    with torch.no_grad():
+        ref = model(ids).logits
+    model.save_pretrained(tmp_path, save_compressed=True)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32)
+    with torch.no_grad():
+        got = loaded(ids).logits
+    assert (got - ref).abs().max().item() <= LOGIT_ATOL
+    bits = storage_bits_from_files(tmp_path)
+    n = sum(lay["shape"][0] * lay["shape"][1] for lay in summary["layers"])
+    from_files = (
+        sum(bits[lay["name"]] * lay["shape"][0] * lay["shape"][1] for lay in summary["layers"]) / n
+    )
+    # The files add byte padding of the sparse second plane over count_bits (see
+    # test_quantize_cli): at most 7 bits per row.
+    assert from_files - summary["storage_bits"] <= 7 / 64 + 1e-9

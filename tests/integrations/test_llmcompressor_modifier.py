@@ -86,6 +86,20 @@ def test_bad_method_args_name_the_fields() -> None:
         ({"method": "arb_rc", "p_sal_vision": 0.05}, r"\['p_sal_vision'\] are not used"),
         ({"method": "rtn_sign", "block_size": 64}, r"\['block_size'\] are not used"),
         ({"method": "billm", "block_size": 64, "method_args": {"block_size": 32}}, "set each once"),
+        (
+            {"method": "billm", "allocation": "model"},
+            r"\['allocation'\] are used by method 'bivlm' only",
+        ),
+        ({"method": "arb_rc", "n_rings_candidates": [1]}, "bivlm' only"),
+        (
+            {"allocation": "model", "p_sal_candidates": [0.0, 0.01]},
+            "allocation: model needs bit_budget",
+        ),
+        ({"allocation": "model", "bit_budget": 1.3}, "nothing to allocate"),
+        ({"allocation": "everywhere"}, "allocation"),
+        ({"n_rings_candidates": []}, "n_rings_candidates"),
+        ({"n_rings_candidates": [1, 300]}, r"ring counts in \[1, 256\]"),
+        ({"n_rings_candidates": [2, 4], "bit_budget": 1.5}, r"n_rings=2: 2 bits"),
     ],
 )
 def test_every_recipe_field_is_used_or_rejected_at_construction(fields, message) -> None:

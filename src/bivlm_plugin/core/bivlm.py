@@ -23,6 +23,7 @@ Importing this module registers the method as ``"bivlm"`` (``types.get_method``)
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from dataclasses import dataclass
@@ -50,7 +51,7 @@ from .partition import SALIENT_SELECT_MODES, STATS_MODES, partition, row_stats, 
 from .refine import layer_error, refine, refit
 from .types import BitCount, QuantResult, register_method
 
-__all__ = ["BiVLMConfig", "SALIENT_METRICS", "quantize_bivlm"]
+__all__ = ["BiVLMConfig", "SALIENT_METRICS", "bivlm_options", "quantize_bivlm"]
 
 logger = logging.getLogger(__name__)
 
@@ -310,6 +311,71 @@ def _run_candidate(
     return _Candidate(p_sal=float(p_sal), codes=codes, bits=bits, error=error, info=info)
 
 
+def _prepare(
+    weight: torch.Tensor, hessian: torch.Tensor | None, config: BiVLMConfig | None
+) -> tuple[BiVLMConfig, torch.Tensor, torch.Tensor | None, Any, Any]:
+    config = BiVLMConfig() if config is None else config
+    if not isinstance(config, BiVLMConfig):
+        raise ValueError(f"config must be a BiVLMConfig, got {type(config).__name__}")
+    _check_inputs(weight, hessian)
+    w = weight.detach().to(torch.float32)
+    h = None if hessian is None else hessian.detach().to(w.device, torch.float32)
+    hinv = dead = None
+    if h is not None and (config.compensate or config.salient_metric == "hessian"):
+        hinv, dead = inverse_cholesky(h, config.percdamp)
+    return config, w, h, hinv, dead
+
+
+def _result(w: torch.Tensor, h: torch.Tensor | None, best: _Candidate, extra: dict) -> QuantResult:
+    w_hat = dequantize(best.codes)
+    ref = layer_error(w, torch.zeros_like(w), h)
+    info: dict[str, Any] = {
+        "p_sal": best.p_sal,
+        "n_rings": best.codes.n_rings,
+        "relative_error": best.error / ref if ref > 0 else 0.0,
+        "frobenius_error": layer_error(w, w_hat, None),
+        **extra,
+        **best.info,
+    }
+    return QuantResult(
+        w_hat=w_hat,
+        bits=best.bits,
+        error=best.error if h is not None else None,
+        codes=best.codes,
+        info=info,
+    )
+
+
+def bivlm_options(
+    weight: torch.Tensor,
+    hessian: torch.Tensor | None,
+    config: BiVLMConfig | None = None,
+    n_rings_options: tuple[int, ...] | None = None,
+) -> list[QuantResult]:
+    """Every candidate of one layer, fully quantized: one per salient share and ring count.
+
+    The shares are ``config.p_sal_candidates`` (or ``(config.p_sal,)``), the ring counts
+    ``n_rings_options`` (or ``(config.n_rings,)``); ``config.bit_budget`` is not applied (the
+    caller allocates, e.g. ``core.allocate``). Each result's ``info`` holds ``p_sal``,
+    ``n_rings`` and ``relative_error`` (error over tr(W H W^T)), by which a model-wide
+    allocation compares layers.
+
+    Returns:
+        ``QuantResult`` per candidate, shares in the inner loop, ring counts in the outer one.
+    """
+    config, w, h, hinv, dead = _prepare(weight, hessian, config)
+    rings = tuple(n_rings_options) if n_rings_options else (config.n_rings,)
+    for r in rings:
+        _int_at_least("n_rings_options[...]", r, 1)
+    out = []
+    for r in rings:
+        cfg = config if r == config.n_rings else dataclasses.replace(config, n_rings=r)
+        for p in config.p_sal_candidates or (config.p_sal,):
+            cand = _run_candidate(w, h, hinv, dead, p, cfg, None)
+            out.append(_result(w, h, cand, {}))
+    return out
+
+
 @register_method("bivlm", BiVLMConfig)
 def quantize_bivlm(
     weight: torch.Tensor, hessian: torch.Tensor | None, config: BiVLMConfig | None = None
@@ -331,15 +397,7 @@ def quantize_bivlm(
         ValueError: bad shapes or values, or no candidate fits ``bit_budget`` (the message
             names the smallest achievable storage bits).
     """
-    config = BiVLMConfig() if config is None else config
-    if not isinstance(config, BiVLMConfig):
-        raise ValueError(f"config must be a BiVLMConfig, got {type(config).__name__}")
-    _check_inputs(weight, hessian)
-    w = weight.detach().to(torch.float32)
-    h = None if hessian is None else hessian.detach().to(w.device, torch.float32)
-    hinv = dead = None
-    if h is not None and (config.compensate or config.salient_metric == "hessian"):
-        hinv, dead = inverse_cholesky(h, config.percdamp)
+    config, w, h, hinv, dead = _prepare(weight, hessian, config)
     candidates = config.p_sal_candidates or (config.p_sal,)
     runs: list[_Candidate] = []
     over: list[tuple[float, BitCount]] = []
@@ -358,24 +416,11 @@ def quantize_bivlm(
             f"(p_sal={best_p}). Raise bit_budget, add smaller p_sal candidates, or use fewer rings."
         )
     best = min(runs, key=lambda c: c.error)
-    w_hat = dequantize(best.codes)
-    ref = layer_error(w, torch.zeros_like(w), h)
-    info: dict[str, Any] = {
-        "p_sal": best.p_sal,
-        "n_rings": config.n_rings,
-        "relative_error": best.error / ref if ref > 0 else 0.0,
-        "frobenius_error": layer_error(w, w_hat, None),
+    extra = {
         "candidates": {
             c.p_sal: {"storage_bits": c.bits.storage_bits, "error": c.error} for c in runs
         },
         "over_budget": {p: b.storage_bits for p, b in over},
-        **best.info,
     }
     logger.debug("bivlm %s: p_sal=%s bits=%.4f", tuple(w.shape), best.p_sal, best.bits.storage_bits)
-    return QuantResult(
-        w_hat=w_hat,
-        bits=best.bits,
-        error=best.error if h is not None else None,
-        codes=best.codes,
-        info=info,
-    )
+    return _result(w, h, best, extra)

@@ -39,7 +39,10 @@ from llmcompressor.modifiers import Modifier
 from pydantic import Field, PrivateAttr, field_validator, model_validator
 
 from bivlm_plugin.core import methods
+from bivlm_plugin.core.allocate import BitLedger
+from bivlm_plugin.core.binarize import dequantize
 from bivlm_plugin.core.bits import ring_index_bits
+from bivlm_plugin.core.bivlm import bivlm_options
 from bivlm_plugin.core.hessian import HessianAccumulator
 from bivlm_plugin.core.types import QuantResult, get_method
 
@@ -113,7 +116,15 @@ class BiVLMModifier(Modifier):
         refine_iters / refine_weighted / refit_iters: ARB-style alternating refinement.
         compensate / block_size / dampening_frac: GPTQ block-wise error compensation.
         p_sal_candidates / bit_budget: per-layer salient share of language-model linears chosen
-            by tr(R H R^T) under a storage-bit budget (a cap per layer).
+            by tr(R H R^T) under a storage-bit budget (a cap per layer, or with
+            ``allocation: model`` the average over every quantized weight).
+        n_rings_candidates: inlier ring counts to choose from per layer (Bi-VLM only), with
+            the salient shares; None keeps ``n_rings`` for every layer.
+        allocation: ``layer`` (each layer takes its least-error candidate within
+            ``bit_budget``) or ``model`` (``bit_budget`` is the model-wide average: each
+            sequential group, a decoder layer at a time, spends the budget left per weight left
+            on the candidates whose relative calibration error falls most per bit;
+            ``core.allocate``). Bi-VLM only.
         p_sal_candidates_vision: the same search for vision-encoder linears (under the same
             bit_budget); by default they take ``p_sal_vision``, outside the budget (the vision
             encoder is a few percent of a VLM's weights; the report counts its bits).
@@ -146,6 +157,8 @@ class BiVLMModifier(Modifier):
     p_sal_candidates: list[float] | None = None
     p_sal_candidates_vision: list[float] | None = None
     bit_budget: float | None = Field(default=None, gt=0.0)
+    n_rings_candidates: list[int] | None = None
+    allocation: Literal["layer", "model"] = "layer"
     method_args: dict[str, Any] = Field(default_factory=dict)
 
     scope: Literal["language", "all"] = "language"
@@ -159,6 +172,7 @@ class BiVLMModifier(Modifier):
     _hessians: dict[torch.nn.Module, HessianAccumulator] = PrivateAttr(default_factory=dict)
     _records: list[LayerRecord] = PrivateAttr(default_factory=list)
     _codes: dict[str, Any] = PrivateAttr(default_factory=dict)
+    _ledger: BitLedger | None = PrivateAttr(default=None)
 
     @field_validator("method")
     @classmethod
@@ -176,12 +190,38 @@ class BiVLMModifier(Modifier):
     @model_validator(mode="after")
     def _check_fields(self) -> BiVLMModifier:
         """Every field a recipe sets is used or rejected here, at construction, naming it."""
+        own = sorted({"n_rings_candidates", "allocation"} & self.model_fields_set)
+        if self.method != "bivlm" and own:
+            raise ValueError(
+                f"recipe field(s) {own} are used by method 'bivlm' only, not {self.method!r}; "
+                "remove them"
+            )
+        rings = [self.n_rings]
+        if self.n_rings_candidates is not None:
+            rings = list(self.n_rings_candidates)
+            bad = [r for r in rings if isinstance(r, bool) or not 1 <= r <= 256]
+            if not rings or bad:
+                raise ValueError(
+                    f"n_rings_candidates {self.n_rings_candidates} must be a non-empty list of "
+                    "ring counts in [1, 256], e.g. [1, 2]"
+                )
+        if self.allocation == "model":
+            if self.bit_budget is None:
+                raise ValueError(
+                    "allocation: model needs bit_budget (the average storage bits per weight "
+                    "over every quantized weight), e.g. bit_budget: 1.3"
+                )
+            if self.p_sal_candidates is None and self.n_rings_candidates is None:
+                raise ValueError(
+                    "allocation: model has nothing to allocate: set p_sal_candidates (e.g. "
+                    "[0.0, 0.005, 0.01, 0.02, 0.05]) and / or n_rings_candidates (e.g. [1, 2])"
+                )
         if self.bit_budget is not None and self.method == "bivlm":
-            floor = 1 + ring_index_bits(self.n_rings)
+            floor = 1 + ring_index_bits(min(rings))
             if self.bit_budget < floor:
                 raise ValueError(
                     f"bit_budget {self.bit_budget} is below what method 'bivlm' can reach with "
-                    f"n_rings={self.n_rings}: {floor} bits per weight (sign plus ring index) "
+                    f"n_rings={min(rings)}: {floor} bits per weight (sign plus ring index) "
                     "before any scale; raise bit_budget or lower n_rings"
                 )
         self.layer_config("language")
@@ -219,6 +259,8 @@ class BiVLMModifier(Modifier):
         knobs = {_SHARED_KNOBS[k]: values[k] for k in chosen if k not in _PART_KNOBS - own}
         if part == "vision" and self.p_sal_candidates_vision is None and "bit_budget" in knobs:
             knobs["bit_budget"] = None
+        if self.allocation == "model" and "bit_budget" in knobs:
+            knobs["bit_budget"] = None  # a model-wide average (BitLedger), not a per-layer cap
         if self.method != "bivlm":
             clash = sorted(set(knobs) & set(self.method_args))
             if clash:
@@ -256,6 +298,9 @@ class BiVLMModifier(Modifier):
                 f"ignore={self.ignore}, scope={self.scope!r}; check the recipe's targets "
                 "(e.g. [Linear] or 're:.*self_attn.*') against model.named_modules()"
             )
+        if self.allocation == "model":
+            total = sum(m.weight.numel() for m in self._modules)
+            self._ledger = BitLedger(float(self.bit_budget), total)
         n_vis = sum(part == "vision" for _, part in self._modules.values())
         logger.info(
             "BiVLMModifier: %d language and %d vision linears to quantize with %s",
@@ -278,8 +323,21 @@ class BiVLMModifier(Modifier):
         acc.add(args[0].detach())
 
     def on_sequential_epoch_end(self, state: State, event: Event, **kwargs) -> None:
-        for module in list(self._hessians):
-            self._quantize_module(module)
+        group = list(self._hessians)
+        allocated = [m for m in group if self._allocated(self._modules[m][1])]
+        for module in group:
+            if module not in allocated:
+                self._quantize_module(module)
+        if allocated:
+            self._quantize_group(allocated)
+
+    def _allocated(self, part: str) -> bool:
+        """Whether modules of ``part`` choose among candidates by the model-wide ledger."""
+        if self.allocation != "model":
+            return False
+        if part == "vision":
+            return self.p_sal_candidates_vision is not None
+        return True
 
     def on_calibration_end(self, state: State, event: Event, **kwargs) -> None:
         self.remove_hooks()
@@ -298,25 +356,114 @@ class BiVLMModifier(Modifier):
         attach_packed(state.model, self._codes)
         return True
 
-    @torch.no_grad()
-    def _quantize_module(self, module: torch.nn.Module) -> None:
+    def _take_hessian(self, module: torch.nn.Module) -> Any:
         name, part = self._modules[module]
         acc = self._hessians.pop(module)
-        quantize, _ = get_method(self.method)
-        start = time.perf_counter()
-        weight = module.weight.data
         if acc.n_tokens == 0 or not torch.isfinite(acc.hessian).all():
             raise ValueError(
                 f"{name}: calibration produced {'no inputs' if acc.n_tokens == 0 else 'NaN/inf'}"
                 " for this layer; check that the calibration data reaches it (for VLMs: images "
                 "with matching image tokens) or add it to `ignore`"
             )
+        return acc.hessian
+
+    @torch.no_grad()
+    def _quantize_module(self, module: torch.nn.Module) -> None:
+        name, part = self._modules[module]
+        hessian = self._take_hessian(module)
+        quantize, _ = get_method(self.method)
+        start = time.perf_counter()
+        weight = module.weight.data
         try:
-            result: QuantResult = quantize(weight.float(), acc.hessian, self.layer_config(part))
+            if self.method == "bivlm" and self.n_rings_candidates is not None:
+                result = self._least_error_within_cap(weight, hessian, part)
+            else:
+                result = quantize(weight.float(), hessian, self.layer_config(part))
         except ValueError as exc:
             raise ValueError(f"{name} ({part}, {tuple(weight.shape)}): {exc}") from exc
+        self._apply(module, result, time.perf_counter() - start)
+        if self._ledger is not None:
+            self._ledger.charge(result.bits.storage_bits, weight.numel())
+
+    def _options(self, weight: torch.Tensor, hessian: torch.Tensor, part: str) -> list:
+        config = dataclasses.replace(self.layer_config(part), bit_budget=None)
+        return bivlm_options(weight.float(), hessian, config, self._rings())
+
+    def _rings(self) -> tuple[int, ...]:
+        return tuple(self.n_rings_candidates or (self.n_rings,))
+
+    def _least_error_within_cap(
+        self, weight: torch.Tensor, hessian: torch.Tensor, part: str
+    ) -> QuantResult:
+        options = self._options(weight, hessian, part)
+        cap = self.layer_config(part).bit_budget
+        fits = [r for r in options if cap is None or r.bits.storage_bits <= cap]
+        if not fits:
+            cheapest = min(options, key=lambda r: r.bits.storage_bits)
+            raise ValueError(
+                f"no candidate (salient shares x n_rings_candidates {list(self._rings())}) fits "
+                f"bit_budget={cap}; the smallest achievable is "
+                f"{cheapest.bits.storage_bits:.4f} bits. Raise bit_budget or add smaller "
+                "candidates"
+            )
+        return min(
+            fits, key=lambda r: r.error if r.error is not None else r.info["frobenius_error"]
+        )
+
+    @torch.no_grad()
+    def _quantize_group(self, modules: list[torch.nn.Module]) -> None:
+        """Model-wide allocation: every candidate of every module, then the ledger's choice."""
+        assert self._ledger is not None
+        start = time.perf_counter()
+        tables, sizes = [], []
+        for module in modules:
+            name, part = self._modules[module]
+            hessian = self._take_hessian(module)
+            try:
+                options = self._options(module.weight.data, hessian, part)
+            except ValueError as exc:
+                raise ValueError(f"{name} ({part}, {tuple(module.weight.shape)}): {exc}") from exc
+            # Keep the codes, not the dense candidates (a 7B MLP's are 180 MB each).
+            tables.append([dataclasses.replace(r, w_hat=None) for r in options])
+            sizes.append(module.weight.numel())
+        left = self._ledger.left_per_weight
+        choice = self._ledger.allocate_group(
+            [[(r.bits.storage_bits, r.info["relative_error"]) for r in opts] for opts in tables],
+            sizes,
+        )
+        seconds = (time.perf_counter() - start) / len(modules)
+        for module, opts, c in zip(modules, tables, choice, strict=True):
+            chosen = opts[c]
+            info = dict(chosen.info)
+            info["allocation"] = {
+                "budget_left_per_weight": left,
+                "options": [
+                    {
+                        "p_sal": r.info["p_sal"],
+                        "n_rings": r.info["n_rings"],
+                        "storage_bits": r.bits.storage_bits,
+                        "relative_error": r.info["relative_error"],
+                    }
+                    for r in opts
+                ],
+            }
+            result = dataclasses.replace(chosen, w_hat=dequantize(chosen.codes), info=info)
+            self._apply(module, result, seconds)
+        logger.info(
+            "bit ledger: group of %d layers at %.3f bits per weight (left %.3f); model so far "
+            "%.3f of %.3f",
+            len(modules),
+            sum(tables[i][c].bits.storage_bits * sizes[i] for i, c in enumerate(choice))
+            / sum(sizes),
+            left,
+            self._ledger.average_bits,
+            self._ledger.budget_bits,
+        )
+
+    def _apply(self, module: torch.nn.Module, result: QuantResult, seconds: float) -> None:
+        name, part = self._modules[module]
+        weight = module.weight.data
         weight.copy_(result.w_hat.to(weight.dtype))
-        seconds = time.perf_counter() - start
         record = LayerRecord(
             name=name,
             part=part,
@@ -332,13 +479,18 @@ class BiVLMModifier(Modifier):
         if result.codes is not None:
             self._codes[name] = result.codes
         logger.info(
-            "%s %s %s: %.3f storage bits, error %.4g, %.2f s",
+            "%s %s %s: %.3f storage bits, error %.4g, %.2f s%s",
             self.method,
             part,
             name,
             record.storage_bits,
             record.error or float("nan"),
             seconds,
+            (
+                f" (p_sal {result.info.get('p_sal')}, n_rings {result.info.get('n_rings')})"
+                if self.method == "bivlm"
+                else ""
+            ),
         )
 
     # ---------------------------------------------------------------------------- results
@@ -366,6 +518,11 @@ class BiVLMModifier(Modifier):
             "weight_bits": avg("weight_bits"),
             "storage_bits": avg("storage_bits"),
             "quantize_seconds": sum(r.seconds for r in self._records),
+            **(
+                {"allocation": {"mode": "model", "bit_budget": self.bit_budget}}
+                if self.allocation == "model"
+                else {}
+            ),
             "layers": [dataclasses.asdict(r) for r in self._records],
         }
 

@@ -1,16 +1,25 @@
 """Render measured P1 runs (out/p1/NAME.json + NAME.cmd from scripts/p1_run.sh) as Markdown.
 
-Usage: python scripts/p1_table.py out/p1/*.json
+Usage: python scripts/p1_table.py [--machine NAME] out/p1/*.json
+
+The storage column is the figure read from the saved files (``storage_bits_from_files``) where
+the run wrote a packed checkpoint, else the quantizer's own count, marked with ``*``.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
-import sys
 from pathlib import Path
 
 
-def row(path: Path) -> str:
+def storage(q: dict) -> str:
+    if q.get("storage_bits_from_files") is not None:
+        return f"{q['storage_bits_from_files']:.3f}"
+    return f"{q.get('storage_bits', 16):.3f}" + ("*" if q else "")
+
+
+def row(path: Path, machine: str) -> str:
     res = json.loads(path.read_text())
     q = res.get("quantization", {})
     cmd_file = path.with_suffix(".cmd")
@@ -26,18 +35,23 @@ def row(path: Path) -> str:
     qcfg = json.loads(config.read_text()).get("quantization_config", {}) if config.is_file() else {}
     fmt = {"bivlm-binary": "packed bivlm-binary", "pack-quantized": "packed (compressed-tensors)"}
     fmt = fmt.get(qcfg.get("format"), "bf16" if not qcfg else str(qcfg.get("format")))
+    calib = q.get("calibration_dtype", "-")
     return (
         f"| {path.stem} | {q.get('method', 'fp')} | {q.get('weight_bits', 16):.3f} | "
-        f"{q.get('storage_bits', 16):.3f} | **{res['ppl']:.2f}** | {q.get('seconds', 0):.0f} | "
-        f"{fmt} | `{cmd}` | cpu2 | {date} |"
+        f"{storage(q)} | **{res['ppl']:.2f}** | {q.get('seconds', 0):.0f} | {calib} | "
+        f"{fmt} | `{cmd}` | {machine} | {date} |"
     )
 
 
 if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--machine", default="cpu2", help="machine label for the rows")
+    ap.add_argument("json", nargs="+", type=Path)
+    args = ap.parse_args()
     print(
-        "| run | method | weight bits | storage bits | P1 ppl | quantize s | saved as | command "
-        "| machine | date |"
+        "| run | method | weight bits | storage bits | P1 ppl | quantize s | calibrated in "
+        "| saved as | command | machine | date |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|")
-    for arg in sys.argv[1:]:
-        print(row(Path(arg)))
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for path in args.json:
+        print(row(path, args.machine))

@@ -37,6 +37,21 @@ def test_p1_windows_tokenize_whole_file_in_one_call(tiny_tokenizer, wikitext_dir
     assert c.shape == (P1.calib_windows, P1.seqlen)
 
 
+def test_second_calibration_set_is_the_next_windows(tiny_tokenizer, wikitext_dir) -> None:
+    """offset=128: the 128 windows after the protocol's own, disjoint from them."""
+    stream = token_stream(wikitext_dir / P1.calib_file, tiny_tokenizer)
+    second = p1_windows(tiny_tokenizer, "calib", data=wikitext_dir, offset=P1.calib_windows)
+    n = P1.calib_windows * P1.seqlen
+    assert second.shape == (P1.calib_windows, P1.seqlen)
+    assert torch.equal(second.flatten(), stream[n : 2 * n])
+    with pytest.raises(ValueError, match="offset must be an int >= 0"):
+        p1_windows(tiny_tokenizer, "calib", data=wikitext_dir, offset=-1)
+    with pytest.raises(ValueError, match="is for calibration windows"):
+        p1_windows(tiny_tokenizer, "eval", data=wikitext_dir, offset=5)
+    with pytest.raises(ValueError, match="fewer than"):
+        p1_windows(tiny_tokenizer, "calib", data=wikitext_dir, offset=10**6)
+
+
 class _UniformLM(torch.nn.Module):
     """Logits all zero: perplexity must equal the vocabulary size exactly."""
 

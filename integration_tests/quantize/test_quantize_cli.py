@@ -95,6 +95,29 @@ def test_quantize_writes_report_and_evaluates(
     assert f"{res['ppl']:,.2f}" in (rep / "report.md").read_text()
 
 
+def test_quantize_on_the_second_calibration_set(tiny_llama_dir, wikitext_dir, tmp_path) -> None:
+    out = tmp_path / "q2"
+    assert (
+        _quantize(
+            tiny_llama_dir,
+            out,
+            wikitext_dir,
+            "--calibration-offset",
+            "128",
+            "--set",
+            "refine_iters=0",
+        )
+        == 0
+    )
+    report = json.loads((out / "bivlm_report.json").read_text())
+    assert report["calibration"] == {
+        "protocol": "P1",
+        "windows": 2,
+        "seqlen": 512,
+        "first_window": 128,
+    }
+
+
 def test_quantize_refuses_to_overwrite(tiny_llama_dir, wikitext_dir, tmp_path, capsys) -> None:
     out = tmp_path / "exists"
     out.mkdir()

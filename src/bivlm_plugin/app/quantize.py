@@ -85,6 +85,7 @@ def quantize_model(
     prune_ratio: float = 0.0,
     prune_score: str = "feature_norm",
     calibration_text_tokens: int | None = None,
+    calibration_offset: int = 0,
 ) -> dict[str, Any]:
     """Quantize a model folder with a recipe and save it (atomically) with a bit report.
 
@@ -103,6 +104,8 @@ def quantize_model(
             0 writes nothing.
         calibration_text_tokens: VLMs only: WikiText tokens appended to each calibration
             triple (default ``VLM_CALIBRATION_TEXT_TOKENS``; 0: triples only).
+        calibration_offset: text models: skip this many P1 calibration windows first (128:
+            the next 128 windows, a disjoint set, to measure calibration spread).
 
     Returns:
         The report written to ``output/bivlm_report.json``.
@@ -130,6 +133,11 @@ def quantize_model(
             f"--prune-score {pruning['score']!r} cannot be served for {config.model_type}; use "
             f"one of {list(SERVING_FAMILY_SCORES[config.model_type])}"
         )
+    if is_vlm and calibration_offset:
+        raise ValueError(
+            f"--calibration-offset {calibration_offset} is for text models (P1 windows); VLMs "
+            "calibrate on easy-VQA train triples"
+        )
     if is_vlm:
         calib = _vlm_calibration(model_dir, data, num_calibration_samples, calibration_text_tokens)
     elif calibration_text_tokens is not None:
@@ -137,7 +145,7 @@ def quantize_model(
             "--calibration-text-tokens is for VLMs; text models calibrate on whole P1 windows"
         )
     else:
-        calib = _text_calibration(model_dir, data, num_calibration_samples)
+        calib = _text_calibration(model_dir, data, num_calibration_samples, calibration_offset)
 
     start = time.perf_counter()
     oneshot(
@@ -205,20 +213,22 @@ def _check_count(n: int | None, available: int) -> int:
     return n
 
 
-def _text_calibration(model_dir: Path, data, n: int | None) -> _Calibration:
+def _text_calibration(model_dir: Path, data, n: int | None, offset: int = 0) -> _Calibration:
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from bivlm_plugin.eval.data import P1, p1_windows
 
     tok = AutoTokenizer.from_pretrained(model_dir)
-    windows = p1_windows(tok, "calib", data=data)
-    windows = windows[: _check_count(n, windows.shape[0])]
+    n_windows = P1.calib_windows if n is None else _check_count(n, P1.calib_windows)
+    windows = p1_windows(tok, "calib", data=data, offset=offset)[:n_windows]
     dataset = Dataset.from_dict(
         {"input_ids": windows.tolist(), "attention_mask": torch.ones_like(windows).tolist()}
     )
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=calibration_dtype())
     info = {"protocol": P1.name, "windows": int(windows.shape[0]), "seqlen": P1.seqlen}
+    if offset:
+        info["first_window"] = offset
     return _Calibration(model, tok, dataset, "truncation", int(windows.shape[0]), P1.seqlen, info)
 
 

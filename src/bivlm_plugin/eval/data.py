@@ -86,11 +86,25 @@ def windows(stream: torch.Tensor, seqlen: int, count: int, source: str = "stream
 
 
 def p1_windows(
-    tokenizer, split: str, data: str | os.PathLike[str] | None = None, protocol: Protocol = P1
+    tokenizer,
+    split: str,
+    data: str | os.PathLike[str] | None = None,
+    protocol: Protocol = P1,
+    offset: int = 0,
 ) -> torch.Tensor:
-    """Calibration (``split="calib"``) or evaluation (``split="eval"``) windows of a protocol."""
+    """Calibration (``split="calib"``) or evaluation (``split="eval"``) windows of a protocol.
+
+    ``offset`` (calibration only) skips that many windows first: ``offset=128`` gives the next
+    128 windows after the protocol's own, a disjoint calibration set for measuring spread.
+    """
     if split not in ("calib", "eval"):
         raise ValueError(f"split must be 'calib' or 'eval', got {split!r}")
+    if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
+        raise ValueError(
+            f"calibration offset must be an int >= 0 (windows skipped), got {offset!r}"
+        )
+    if offset and split != "calib":
+        raise ValueError(f"offset={offset} is for calibration windows; P1 evaluation has none")
     folder = find_wikitext2(data)
     fname, count = (
         (protocol.calib_file, protocol.calib_windows)
@@ -98,4 +112,4 @@ def p1_windows(
         else (protocol.eval_file, protocol.eval_windows)
     )
     stream = token_stream(folder / fname, tokenizer)
-    return windows(stream, protocol.seqlen, count, source=str(folder / fname))
+    return windows(stream, protocol.seqlen, offset + count, source=str(folder / fname))[offset:]

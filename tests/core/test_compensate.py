@@ -80,3 +80,49 @@ def test_bad_block_size() -> None:
     hinv, _ = inverse_cholesky(h, 0.01)
     with pytest.raises(ValueError, match="block_size"):
         gptq_compensate(w, hinv, _sign_block, 0)
+
+
+def _round_grid(w_b: torch.Tensor, hinv_b: torch.Tensor, col0: int) -> torch.Tensor:
+    """A frozen grid (steps of 0.5): codes are an elementwise choice, as under Bi-VLM's grid."""
+    return torch.round(w_b * 2) / 2
+
+
+def _gptq_loop(w: torch.Tensor, hinv: torch.Tensor) -> torch.Tensor:
+    """GPTQ (Frantar et al., Algorithm 1) with round-to-grid: each column quantized after the
+    errors of every column before it."""
+    w = w.clone()
+    out = torch.empty_like(w)
+    for i in range(w.shape[1]):
+        out[:, i] = _round_grid(w[:, i], hinv, i)
+        err = (w[:, i] - out[:, i]) / hinv[i, i]
+        w[:, i:] -= err.unsqueeze(1) * hinv[i, i:].unsqueeze(0)
+    return out
+
+
+@pytest.mark.parametrize("block", [3, 4, 10])
+def test_column_wise_is_gptq_proper(block: int) -> None:
+    w, h = _problem()
+    hinv, _ = inverse_cholesky(h, 0.01)
+    got = gptq_compensate(w, hinv, _round_grid, block, column_wise=True)
+    torch.testing.assert_close(got, _gptq_loop(w, hinv), rtol=1e-5, atol=1e-5)
+    # Block-at-once picks differ once a column's codes would change after the updates.
+    assert not torch.allclose(got, gptq_compensate(w, hinv, _round_grid, block))
+    with pytest.raises(ValueError, match="needs in_block"):
+        gptq_compensate(w, hinv, _round_grid, block, in_block=False, column_wise=True)
+
+
+def test_column_code_choice_lowers_bivlm_layer_error() -> None:
+    """Bi-VLM with code_choice="column" vs "block" on a synthetic layer with correlated inputs.
+
+    Measured (seeds 3 / 4 / 5, one ring): relative output error 0.143 / 0.128 / 0.124 (column)
+    vs 0.222 / 0.216 / 0.211 (block); two rings 0.022 / 0.022 / 0.019 vs 0.058 / 0.059 / 0.059."""
+    from bivlm_plugin.core.bivlm import BiVLMConfig, quantize_bivlm
+
+    w, h = _problem(out=64, n_in=256, seed=3)
+    errs = {
+        mode: quantize_bivlm(w, h, BiVLMConfig(code_choice=mode)).info["relative_error"]
+        for mode in ("block", "column")
+    }
+    assert errs["column"] < 0.8 * errs["block"], errs
+    with pytest.raises(ValueError, match="code_choice"):
+        BiVLMConfig(code_choice="row")

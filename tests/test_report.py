@@ -220,6 +220,7 @@ def test_p1_plot_draws_one_curve_per_method_through_its_best_runs(tmp_path, monk
     pts = [
         {"name": "a", "method": "bivlm", "storage_bits": 1.271, "p1": 2306.0},
         {"name": "b", "method": "bivlm", "storage_bits": 1.271, "p1": 1116.0},  # same budget
+        {"name": "d", "method": "bivlm", "storage_bits": 1.269, "p1": 3668.0},  # same budget
         {"name": "c", "method": "bivlm", "storage_bits": 2.22, "p1": 113.8},
         {"name": "g", "method": "GPTQModifier", "storage_bits": 3.25, "p1": 78.8},  # one run
     ]

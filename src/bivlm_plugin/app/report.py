@@ -346,14 +346,23 @@ def plot_metric_vs_bits(points: list[dict[str, Any]], metric: str, path: Path) -
             label=m,
             zorder=3,
         )
-        best: dict[float, float] = {}
+        # One budget = storage bits equal to 0.01 (runs at one recipe's budget differ by a few
+        # thousandths); the curve goes through the best run of each, at that run's bits.
+        best: dict[float, dict[str, Any]] = {}
         for p in group:
-            x = round(p["storage_bits"], 3)
-            better = min if metric == "p1" else max
-            best[x] = better(best.get(x, p[metric]), p[metric])
+            x = round(p["storage_bits"], 2)
+            old = best.get(x)
+            if old is None or (p[metric] < old[metric]) == (metric == "p1"):
+                best[x] = p
         if len(best) > 1:
-            xs = sorted(best)
-            ax.plot(xs, [best[x] for x in xs], color=colors[m], alpha=0.6, zorder=2)
+            run = [best[x] for x in sorted(best)]
+            ax.plot(
+                [p["storage_bits"] for p in run],
+                [p[metric] for p in run],
+                color=colors[m],
+                alpha=0.6,
+                zorder=2,
+            )
     for p in pts:
         ax.annotate(
             p["name"],

@@ -1,0 +1,1 @@
+bash scripts/p1_run.sh bivlm_w1_alloc recipes/bivlm_lm_w1.yaml --set code_choice=block --set allocation=model --set bit_budget=1.268 --set "p_sal_candidates=[0.0,0.01,0.02,0.04]" --set "n_rings_candidates=[1,2]"

@@ -220,7 +220,7 @@ def _text_calibration(model_dir: Path, data, n: int | None, offset: int = 0) -> 
     from bivlm_plugin.eval.data import P1, p1_windows
 
     tok = AutoTokenizer.from_pretrained(model_dir)
-    n_windows = P1.calib_windows if n is None else _check_count(n, P1.calib_windows)
+    n_windows = _check_count(n, P1.calib_windows)
     windows = p1_windows(tok, "calib", data=data, offset=offset)[:n_windows]
     dataset = Dataset.from_dict(
         {"input_ids": windows.tolist(), "attention_mask": torch.ones_like(windows).tolist()}

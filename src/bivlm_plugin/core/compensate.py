@@ -64,26 +64,21 @@ def gptq_compensate(
         c1 = min(c0 + block_size, n_cols)
         hinv_b = hinv_upper[c0:c1, c0:c1]
         w_b = w[:, c0:c1].clone()
-        if column_wise:
+        if column_wise:  # each column's codes are picked in the loop below
             q_b = torch.empty_like(w_b)
-            err_b = torch.empty_like(w_b)
-            for i in range(c1 - c0):
-                q = quantize_block(w_b[:, i : i + 1], hinv_b[i : i + 1, i : i + 1], c0 + i)
-                q_b[:, i] = q.to(torch.float32).reshape(-1)
-                err = (w_b[:, i] - q_b[:, i]) / hinv_b[i, i]
-                w_b[:, i + 1 :] -= err.unsqueeze(1) * hinv_b[i, i + 1 :].unsqueeze(0)
-                err_b[:, i] = err
-            w_hat[:, c0:c1] = q_b
-            w[:, c1:] -= err_b @ hinv_upper[c0:c1, c1:]
-            continue
-        q_b = quantize_block(w_b, hinv_b, c0).to(torch.float32)
-        if q_b.shape != w_b.shape:
-            raise RuntimeError(
-                f"block quantizer returned shape {tuple(q_b.shape)}, expected {tuple(w_b.shape)}"
-            )
+        else:
+            q_b = quantize_block(w_b, hinv_b, c0).to(torch.float32)
+            if q_b.shape != w_b.shape:
+                raise RuntimeError(
+                    f"block quantizer returned shape {tuple(q_b.shape)}, "
+                    f"expected {tuple(w_b.shape)}"
+                )
         if in_block:
             err_b = torch.empty_like(w_b)
             for i in range(c1 - c0):
+                if column_wise:  # on the column as updated by the errors before it
+                    q = quantize_block(w_b[:, i : i + 1], hinv_b[i : i + 1, i : i + 1], c0 + i)
+                    q_b[:, i] = q.to(torch.float32).reshape(-1)
                 d = hinv_b[i, i]
                 err = (w_b[:, i] - q_b[:, i]) / d
                 w_b[:, i:] -= err.unsqueeze(1) * hinv_b[i, i:].unsqueeze(0)

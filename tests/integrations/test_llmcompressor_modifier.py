@@ -85,6 +85,7 @@ def test_bad_method_args_name_the_fields() -> None:
         ({"method": "billm", "p_sal": 0.02}, r"\['p_sal'\] are not used"),
         ({"method": "arb_rc", "p_sal_vision": 0.05}, r"\['p_sal_vision'\] are not used"),
         ({"method": "rtn_sign", "block_size": 64}, r"\['block_size'\] are not used"),
+        ({"method": "billm", "col_scale": True}, r"\['col_scale'\] are not used"),
         ({"method": "billm", "block_size": 64, "method_args": {"block_size": 32}}, "set each once"),
         (
             {"method": "billm", "allocation": "model"},

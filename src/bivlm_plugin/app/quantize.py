@@ -121,6 +121,12 @@ def quantize_model(
         raise FileNotFoundError(f"--model {model_dir} is not a model folder (no config.json)")
     pruning = _pruning_entry(prune_ratio, prune_score)
     parsed = apply_overrides(load_recipe(find_recipe(recipe)), overrides or {})
+    if not fake_quant and any(args.get("col_scale") for args in recipe_modifiers(parsed).values()):
+        raise ValueError(
+            "the recipe sets col_scale: true, whose layers the packed bivlm-binary format cannot "
+            "hold yet (they would be saved dense at 16 bits); pass --fake-quant (fake_quant=True) "
+            "or set col_scale: false"
+        )
     config = AutoConfig.from_pretrained(model_dir)
     is_vlm = getattr(config, "vision_config", None) is not None
     if pruning and config.model_type not in SERVING_FAMILIES:

@@ -73,6 +73,9 @@ class BinaryCodes:
         alpha_sal: (out, 2) float32 salient scales (a1, a2).
         mu: (out, 1) or (out, N + 1) float32 means.
         shape: (out, in).
+        col_scale: (in,) float32 scale of each input column, or None: the layer is
+            ``W_hat = (row codes) * col_scale`` (one fp16 per input column, ARB-RC's column
+            scales in Bi-VLM's pipeline; ``BiVLMConfig.col_scale``).
     """
 
     signs: torch.Tensor
@@ -83,9 +86,15 @@ class BinaryCodes:
     alpha_sal: torch.Tensor
     mu: torch.Tensor
     shape: tuple[int, int]
+    col_scale: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         out_f, in_f = self.shape
+        if self.col_scale is not None and tuple(self.col_scale.shape) != (in_f,):
+            raise ValueError(
+                f"BinaryCodes.col_scale must be (in,) = ({in_f},), got "
+                f"{tuple(self.col_scale.shape)}"
+            )
         n = self.alpha_ring.shape[-1]
         checks = {
             "signs": (tuple(self.signs.shape), (out_f, in_f)),
@@ -251,7 +260,10 @@ def dequantize(codes: BinaryCodes) -> torch.Tensor:
     mu, alpha, alpha2 = expand_params(codes)
     sal = salient_mask(codes)
     b2 = torch.where(sal, _pm1(dense_sign2(codes)), torch.zeros((), dtype=torch.float32))
-    return _levels(subset_index(codes), _pm1(codes.signs), b2, mu, alpha, alpha2)
+    w_hat = _levels(subset_index(codes), _pm1(codes.signs), b2, mu, alpha, alpha2)
+    if codes.col_scale is not None:
+        w_hat = w_hat * codes.col_scale.to(w_hat.dtype)
+    return w_hat
 
 
 def pack_codes(
@@ -380,6 +392,7 @@ def round_params_fp16(codes: BinaryCodes) -> BinaryCodes:
         alpha_ring=to_fp16(codes.alpha_ring),
         alpha_sal=to_fp16(codes.alpha_sal),
         mu=to_fp16(codes.mu),
+        col_scale=None if codes.col_scale is None else to_fp16(codes.col_scale),
     )
 
 

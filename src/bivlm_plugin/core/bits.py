@@ -9,6 +9,7 @@ Storage of one layer, as ``format/`` will save it:
 - ``salient_sign2``: the sparse second plane, 1 bit per salient weight.
 - ``alpha_ring``, ``alpha_sal``, ``mu``: every scale and mean as fp16. Salient scales and
   counts vanish when the layer has no salient weight.
+- ``col_scale`` (only with ``BiVLMConfig.col_scale``): one fp16 per input column.
 
 *weight bits* (the BiLLM / ARB-LLM convention) count the binary planes only:
 1 per weight + 1 per salient weight.
@@ -72,4 +73,6 @@ def count_bits(codes: BinaryCodes) -> BitCount:
         breakdown["alpha_sal"] = codes.alpha_sal.numel() * FP16_BITS
     else:
         breakdown.update(salient_idx=0, salient_count=0, salient_sign2=0, alpha_sal=0)
+    if codes.col_scale is not None:
+        breakdown["col_scale"] = in_f * FP16_BITS
     return BitCount.from_breakdown(n_weights, plane_bits=n_weights + n_sal, breakdown=breakdown)

@@ -18,6 +18,13 @@ Pipeline for one (out, in) weight W and Hessian H (or None):
 4. With ``p_sal_candidates``: every candidate within ``bit_budget`` storage bits is run and the
    one of least tr(R H R^T) (Frobenius error without H) is kept.
 
+With ``col_scale`` the layer also stores one fp16 scale per input column c, W_hat = Q * c (Q the
+row-wise codes above). It is a change of variables: steps 1-4 run on W' = W diag(1/c) with
+H' = diag(c) H diag(c), whose tr(R' H' R'^T) is the original layer's error exactly, from c
+taken as each column's mean absolute deviation over rows in units of the row's spread
+(geometric mean 1); then c is re-solved by least squares against tr(R H R^T) with Q fixed (a
+linear system (H * Q^T Q) c = diag(Q^T W H)) and kept when it lowers the error.
+
 Importing this module registers the method as ``"bivlm"`` (``types.get_method``).
 """
 
@@ -105,6 +112,8 @@ class BiVLMConfig:
         p_sal_candidates: salient shares to choose from per layer, or None.
         bit_budget: maximum storage bits per weight, or None for no limit.
         fp16_params: round scales and means to fp16 as they are stored.
+        col_scale: also store one fp16 scale per input column (16 / out extra storage bits
+            per weight; see the module docstring). Not in the packed format yet.
     """
 
     p_sal: float = 0.01
@@ -125,6 +134,7 @@ class BiVLMConfig:
     p_sal_candidates: tuple[float, ...] | None = None
     bit_budget: float | None = None
     fp16_params: bool = True
+    col_scale: bool = False
 
     def __post_init__(self) -> None:
         _share("p_sal", self.p_sal)
@@ -143,7 +153,7 @@ class BiVLMConfig:
         _int_at_least("refine_iters", self.refine_iters, 0)
         _int_at_least("refit_iters", self.refit_iters, 0)
         _int_at_least("block_size", self.block_size, 1)
-        for name in ("refine_weighted", "compensate", "fp16_params"):
+        for name in ("refine_weighted", "compensate", "fp16_params", "col_scale"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"BiVLMConfig.{name} must be a bool, got {getattr(self, name)!r}")
         if isinstance(self.percdamp, bool) or not 0.0 <= float(self.percdamp) < 1.0:
@@ -288,7 +298,9 @@ def _run_candidate(
     part = partition(w, p_sal, config.n_rings, config.stats, config.salient_select, score)
     codes = encode(w, part, config.scale_mode, config.mean_mode)
     # Bits depend only on the shape and the salient positions, fixed from here on.
-    bits = count_bits(codes)
+    bits = count_bits(
+        dataclasses.replace(codes, col_scale=torch.ones(w.shape[1])) if config.col_scale else codes
+    )
     if bit_budget is not None and bits.storage_bits > bit_budget:
         return bits
     info: dict[str, Any] = {}
@@ -323,19 +335,92 @@ def _run_candidate(
     return _Candidate(p_sal=float(p_sal), codes=codes, bits=bits, error=error, info=info)
 
 
+@dataclass(frozen=True)
+class _Problem:
+    """One layer as the pipeline sees it.
+
+    ``w`` / ``h`` are the weight and Hessian the steps run on: the layer's own (``w0`` / ``h0``)
+    or, with column scales ``c``, W diag(1/c) and diag(c) H diag(c) (the same error).
+    """
+
+    w: torch.Tensor
+    h: torch.Tensor | None
+    hinv: torch.Tensor | None
+    dead: torch.Tensor | None
+    w0: torch.Tensor
+    h0: torch.Tensor | None
+    c: torch.Tensor | None
+
+
+def _initial_col_scale(w: torch.Tensor, fp16: bool) -> torch.Tensor:
+    """(in,) column scales: each column's mean |w - mu_row| / sd_row, geometric mean 1."""
+    mu = w.mean(dim=1, keepdim=True)
+    sd = w.std(dim=1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
+    c = ((w - mu) / sd).abs().mean(dim=0)
+    floor = max(float(c.median()) * 1e-2, 1e-6)  # all-zero (dead) columns
+    c = c.clamp_min(floor)
+    c = c / c.log().mean().exp()
+    return c.half().float() if fp16 else c
+
+
+def _solve_col_scale(
+    w: torch.Tensor, q: torch.Tensor, h: torch.Tensor | None, c0: torch.Tensor, percdamp: float
+) -> torch.Tensor:
+    """Least-squares c for W ~ Q diag(c) against tr(R H R^T), damped towards ``c0``.
+
+    d/dc tr((W - Q D) H (W - Q D)^T) = 0 gives (H * Q^T Q) c = diag(Q^T W H); the damping adds
+    lam * (c - c0) with lam = max(percdamp, 1e-6) * the mean diagonal (calibration Hessians are
+    often rank-deficient).
+    """
+    if h is None:
+        m_diag = (q * q).sum(dim=0)
+        lam = max(percdamp, 1e-6) * float(m_diag.mean())
+        return ((q * w).sum(dim=0) + lam * c0) / (m_diag + lam)
+    m = h * (q.T @ q)
+    rhs = (q * (w @ h)).sum(dim=0)
+    lam = max(percdamp, 1e-6) * float(torch.diagonal(m).mean())
+    m.diagonal().add_(lam)
+    return torch.linalg.solve(m, rhs + lam * c0)
+
+
 def _prepare(
     weight: torch.Tensor, hessian: torch.Tensor | None, config: BiVLMConfig | None
-) -> tuple[BiVLMConfig, torch.Tensor, torch.Tensor | None, Any, Any]:
+) -> tuple[BiVLMConfig, _Problem]:
     config = BiVLMConfig() if config is None else config
     if not isinstance(config, BiVLMConfig):
         raise ValueError(f"config must be a BiVLMConfig, got {type(config).__name__}")
     _check_inputs(weight, hessian)
-    w = weight.detach().to(torch.float32)
-    h = None if hessian is None else hessian.detach().to(w.device, torch.float32)
+    w0 = weight.detach().to(torch.float32)
+    h0 = None if hessian is None else hessian.detach().to(w0.device, torch.float32)
+    w, h, c = w0, h0, None
+    if config.col_scale:
+        c = _initial_col_scale(w0, config.fp16_params)
+        w = w0 / c
+        h = None if h0 is None else h0 * c.unsqueeze(0) * c.unsqueeze(1)
     hinv = dead = None
     if h is not None and (config.compensate or config.salient_metric == "hessian"):
         hinv, dead = inverse_cholesky(h, config.percdamp)
-    return config, w, h, hinv, dead
+    return config, _Problem(w=w, h=h, hinv=hinv, dead=dead, w0=w0, h0=h0, c=c)
+
+
+def _candidate(prob: _Problem, p_sal: float, config: BiVLMConfig, bit_budget: float | None):
+    """``_run_candidate`` on the problem, mapped back to the layer's own weight."""
+    out = _run_candidate(prob.w, prob.h, prob.hinv, prob.dead, p_sal, config, bit_budget)
+    if isinstance(out, BitCount) or prob.c is None:
+        return out
+    q = dequantize(out.codes)  # the codes without column scales
+    c, error = prob.c, layer_error(prob.w0, q * prob.c, prob.h0)
+    solved = _solve_col_scale(prob.w0, q, prob.h0, prob.c, config.percdamp)
+    if config.fp16_params:
+        fp16_max = torch.finfo(torch.float16).max
+        solved = solved.clamp(-fp16_max, fp16_max).half().float()
+    err_solved = layer_error(prob.w0, q * solved, prob.h0)
+    resolved = bool(torch.isfinite(solved).all()) and err_solved < error
+    if resolved:
+        c, error = solved, err_solved
+    codes = dataclasses.replace(out.codes, col_scale=c)
+    info = {**out.info, "col_scale_resolved": resolved}
+    return _Candidate(p_sal=out.p_sal, codes=codes, bits=out.bits, error=error, info=info)
 
 
 def _result(w: torch.Tensor, h: torch.Tensor | None, best: _Candidate, extra: dict) -> QuantResult:
@@ -375,7 +460,7 @@ def bivlm_options(
     Returns:
         ``QuantResult`` per candidate, shares in the inner loop, ring counts in the outer one.
     """
-    config, w, h, hinv, dead = _prepare(weight, hessian, config)
+    config, prob = _prepare(weight, hessian, config)
     rings = tuple(n_rings_options) if n_rings_options else (config.n_rings,)
     for r in rings:
         _int_at_least("n_rings_options[...]", r, 1)
@@ -383,8 +468,8 @@ def bivlm_options(
     for r in rings:
         cfg = config if r == config.n_rings else dataclasses.replace(config, n_rings=r)
         for p in config.p_sal_candidates or (config.p_sal,):
-            cand = _run_candidate(w, h, hinv, dead, p, cfg, None)
-            out.append(_result(w, h, cand, {}))
+            cand = _candidate(prob, p, cfg, None)
+            out.append(_result(prob.w0, prob.h0, cand, {}))
     return out
 
 
@@ -409,12 +494,13 @@ def quantize_bivlm(
         ValueError: bad shapes or values, or no candidate fits ``bit_budget`` (the message
             names the smallest achievable storage bits).
     """
-    config, w, h, hinv, dead = _prepare(weight, hessian, config)
+    config, prob = _prepare(weight, hessian, config)
+    w, h = prob.w0, prob.h0
     candidates = config.p_sal_candidates or (config.p_sal,)
     runs: list[_Candidate] = []
     over: list[tuple[float, BitCount]] = []
     for p in candidates:
-        out = _run_candidate(w, h, hinv, dead, p, config, config.bit_budget)
+        out = _candidate(prob, p, config, config.bit_budget)
         if isinstance(out, BitCount):
             over.append((float(p), out))
         else:

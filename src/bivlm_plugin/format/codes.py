@@ -23,7 +23,14 @@ __all__ = ["dequantize_packed", "layout_of", "pack", "storage_bits", "unpack"]
 
 
 def layout_of(codes: BinaryCodes) -> BivlmLayout:
-    """The layout ``pack(codes)`` produces; raises ValueError for variable-k codes."""
+    """The layout ``pack(codes)`` produces; raises ValueError for variable-k codes and for codes
+    with column scales (not in the format yet)."""
+    if codes.col_scale is not None:
+        raise ValueError(
+            "codes with column scales (BiVLMConfig.col_scale) cannot be packed: the "
+            "bivlm-binary format has no col_scale tensor yet; save them fake-quantized "
+            "(`bivlm quantize --fake-quant`) or quantize with col_scale: false"
+        )
     if not codes.fixed_k:
         counts = codes.salient_counts
         raise ValueError(

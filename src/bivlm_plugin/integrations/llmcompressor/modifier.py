@@ -77,6 +77,7 @@ _SHARED_KNOBS = {
     "refit_iters": "refit_iters",
     "compensate": "compensate",
     "code_choice": "code_choice",
+    "col_scale": "col_scale",
     "block_size": "block_size",
     "dampening_frac": "percdamp",
     "p_sal_candidates": "p_sal_candidates",
@@ -118,6 +119,8 @@ class BiVLMModifier(Modifier):
         compensate / block_size / dampening_frac: GPTQ block-wise error compensation.
         code_choice: ``block`` (codes of a block picked at once) or ``column`` (GPTQ proper:
             each column re-picked after the updates of the columns before it).
+        col_scale: also store one fp16 scale per input column (``BiVLMConfig.col_scale``);
+            such layers are saved fake-quantized (not in the packed format yet).
         p_sal_candidates / bit_budget: per-layer salient share of language-model linears chosen
             by tr(R H R^T) under a storage-bit budget (a cap per layer, or with
             ``allocation: model`` the average over every quantized weight).
@@ -156,6 +159,7 @@ class BiVLMModifier(Modifier):
     refit_iters: int = Field(default=2, ge=0)
     compensate: bool = True
     code_choice: Literal["block", "column"] = "block"
+    col_scale: bool = False
     block_size: int = Field(default=128, gt=0)
     dampening_frac: float = Field(default=0.01, ge=0.0, lt=1.0)
     p_sal_candidates: list[float] | None = None

@@ -118,6 +118,23 @@ def test_quantize_on_the_second_calibration_set(tiny_llama_dir, wikitext_dir, tm
     }
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_quantize_calibration_dtype_is_forced(tiny_llama_dir, wikitext_dir, tmp_path, dtype) -> None:
+    out = tmp_path / dtype
+    extra = ("--calibration-dtype", dtype, "--set", "refine_iters=0")
+    assert _quantize(tiny_llama_dir, out, wikitext_dir, *extra) == 0
+    report = json.loads((out / "bivlm_report.json").read_text())
+    assert report["calibration_dtype"] == dtype
+
+
+def test_calibration_dtype_rejects_other_values() -> None:
+    from bivlm_plugin.app.quantize import calibration_torch_dtype
+
+    assert calibration_torch_dtype("float32") is torch.float32
+    with pytest.raises(ValueError, match="'float16'.*auto"):
+        calibration_torch_dtype("float16")
+
+
 def test_quantize_refuses_to_overwrite(tiny_llama_dir, wikitext_dir, tmp_path, capsys) -> None:
     out = tmp_path / "exists"
     out.mkdir()

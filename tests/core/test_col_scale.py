@@ -7,7 +7,8 @@ import torch
 
 from bivlm_plugin.core.binarize import dequantize
 from bivlm_plugin.core.bits import count_bits
-from bivlm_plugin.core.bivlm import BiVLMConfig, _solve_col_scale, bivlm_options, quantize_bivlm
+from bivlm_plugin.core.bivlm import BiVLMConfig, bivlm_options, quantize_bivlm
+from bivlm_plugin.core.colscale import fold_norm_weight, initial_col_scale, solve_col_scale
 from bivlm_plugin.core.refine import layer_error
 
 
@@ -78,10 +79,45 @@ def test_solve_col_scale_recovers_exact_scales() -> None:
     c = torch.exp(0.5 * torch.randn(16, generator=gen))
     x = torch.randn(256, 16, generator=gen)
     h = 2 * x.T @ x / 256
-    got = _solve_col_scale(q * c, q, h, torch.ones(16), 0.0)
+    got = solve_col_scale([q * c], [q], [h], torch.ones(16), 0.0)
     torch.testing.assert_close(got, c, rtol=1e-3, atol=1e-3)
-    got_unweighted = _solve_col_scale(q * c, q, None, torch.ones(16), 0.0)
+    got_unweighted = solve_col_scale([q * c], [q], [None], torch.ones(16), 0.0)
     torch.testing.assert_close(got_unweighted, c, rtol=1e-3, atol=1e-3)
+
+
+def test_shared_solve_is_the_least_squares_of_the_summed_errors() -> None:
+    # Two layers reading one input: the shared c minimizes the sum of their errors, so the
+    # gradient of sum_l tr((W_l - Q_l D) H (W_l - Q_l D)^T) vanishes there.
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(512, 12, generator=gen)
+    h = 2 * x.T @ x / 512
+    ws = [torch.randn(8, 12, generator=gen), torch.randn(5, 12, generator=gen)]
+    qs = [torch.sign(w) for w in ws]
+    c = solve_col_scale(ws, qs, [h, h], torch.ones(12), 0.0).requires_grad_(True)
+    loss = sum(torch.trace((w - q * c) @ h @ (w - q * c).T) for w, q in zip(ws, qs))
+    (grad,) = torch.autograd.grad(loss, c)
+    assert grad.abs().max() < 1e-3 * loss.item()
+    with pytest.raises(ValueError, match="one code and one Hessian per target"):
+        solve_col_scale(ws, qs[:1], [h, h], torch.ones(12), 0.0)
+
+
+def test_initial_col_scale_by_hand() -> None:
+    # |w - mu_row| / sd_row (torch.std: unbiased), averaged down each column, geo-mean 1.
+    w = torch.tensor([[0.0, 2.0, 4.0], [1.0, 5.0, 3.0]])
+    z = (w - w.mean(1, keepdim=True)) / w.std(1, keepdim=True)
+    raw = z.abs().mean(0)
+    torch.testing.assert_close(initial_col_scale(w), raw / raw.log().mean().exp())
+    assert abs(float(initial_col_scale(w).log().mean())) < 1e-6
+    dead = torch.cat([w, torch.zeros(2, 1)], dim=1)  # an all-zero column: floored, not 0
+    assert float(initial_col_scale(dead)[-1]) > 0
+
+
+def test_fold_norm_weight_scales_the_output() -> None:
+    w = torch.tensor([0.5, -0.25, 2.0])
+    s = torch.tensor([2.0, 0.5, 1.5])
+    torch.testing.assert_close(fold_norm_weight(w, s, 0.0), w * s)
+    # Gemma: n(x) * (1 + w) -> (1 + w') = (1 + w) * s
+    torch.testing.assert_close(1 + fold_norm_weight(w, s, 1.0), (1 + w) * s)
 
 
 def test_col_scale_codes_are_refused_by_the_packer() -> None:

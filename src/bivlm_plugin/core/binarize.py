@@ -44,6 +44,7 @@ __all__ = [
     "quantize_with_grid",
     "round_params_fp16",
     "salient_mask",
+    "scale_rows",
     "subset_index",
 ]
 
@@ -374,6 +375,33 @@ def encode(
     a2 = _masked_row_mean(resid.abs(), sal)
     return pack_codes(
         signs, part.ring, sal, sign2, alpha_ring, torch.stack([a1, a2], dim=1), mu_store
+    )
+
+
+def scale_rows(codes: BinaryCodes, scale: torch.Tensor) -> BinaryCodes:
+    """Codes of ``diag(scale) @ W_hat``: every level of row i times ``scale[i]``.
+
+    Exact for per-row parameters (means and scales are multiplied; signs, rings and salient
+    positions are kept), so it needs ``scale_mode: row_ring``.
+
+    Args:
+        codes: codes of an (out, in) layer.
+        scale: (out,) float factors (any sign).
+    """
+    out_f = codes.shape[0]
+    if tuple(scale.shape) != (out_f,):
+        raise ValueError(f"scale_rows needs (out,) = ({out_f},) factors, got {tuple(scale.shape)}")
+    if codes.scale_mode != "row_ring":
+        raise ValueError(
+            "scale_rows needs a scale per row (scale_mode: row_ring); these codes share one "
+            "scale per ring across rows (scale_mode: ring)"
+        )
+    r = scale.to(torch.float32).unsqueeze(1)
+    return replace(
+        codes,
+        alpha_ring=codes.alpha_ring.to(torch.float32) * r,
+        alpha_sal=codes.alpha_sal.to(torch.float32) * r,
+        mu=codes.mu.to(torch.float32) * r,
     )
 
 

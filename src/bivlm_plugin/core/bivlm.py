@@ -52,6 +52,7 @@ from .binarize import (
 )
 from .bits import count_bits
 from .checks import require_finite
+from .colscale import initial_col_scale, solve_col_scale
 from .compensate import gptq_compensate
 from .hessian import inverse_cholesky
 from .partition import SALIENT_SELECT_MODES, STATS_MODES, partition, row_stats, saliency_score
@@ -352,37 +353,6 @@ class _Problem:
     c: torch.Tensor | None
 
 
-def _initial_col_scale(w: torch.Tensor, fp16: bool) -> torch.Tensor:
-    """(in,) column scales: each column's mean |w - mu_row| / sd_row, geometric mean 1."""
-    mu = w.mean(dim=1, keepdim=True)
-    sd = w.std(dim=1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
-    c = ((w - mu) / sd).abs().mean(dim=0)
-    floor = max(float(c.median()) * 1e-2, 1e-6)  # all-zero (dead) columns
-    c = c.clamp_min(floor)
-    c = c / c.log().mean().exp()
-    return c.half().float() if fp16 else c
-
-
-def _solve_col_scale(
-    w: torch.Tensor, q: torch.Tensor, h: torch.Tensor | None, c0: torch.Tensor, percdamp: float
-) -> torch.Tensor:
-    """Least-squares c for W ~ Q diag(c) against tr(R H R^T), damped towards ``c0``.
-
-    d/dc tr((W - Q D) H (W - Q D)^T) = 0 gives (H * Q^T Q) c = diag(Q^T W H); the damping adds
-    lam * (c - c0) with lam = max(percdamp, 1e-6) * the mean diagonal (calibration Hessians are
-    often rank-deficient).
-    """
-    if h is None:
-        m_diag = (q * q).sum(dim=0)
-        lam = max(percdamp, 1e-6) * float(m_diag.mean())
-        return ((q * w).sum(dim=0) + lam * c0) / (m_diag + lam)
-    m = h * (q.T @ q)
-    rhs = (q * (w @ h)).sum(dim=0)
-    lam = max(percdamp, 1e-6) * float(torch.diagonal(m).mean())
-    m.diagonal().add_(lam)
-    return torch.linalg.solve(m, rhs + lam * c0)
-
-
 def _prepare(
     weight: torch.Tensor, hessian: torch.Tensor | None, config: BiVLMConfig | None
 ) -> tuple[BiVLMConfig, _Problem]:
@@ -394,7 +364,7 @@ def _prepare(
     h0 = None if hessian is None else hessian.detach().to(w0.device, torch.float32)
     w, h, c = w0, h0, None
     if config.col_scale:
-        c = _initial_col_scale(w0, config.fp16_params)
+        c = initial_col_scale(w0, config.fp16_params)
         w = w0 / c
         h = None if h0 is None else h0 * c.unsqueeze(0) * c.unsqueeze(1)
     hinv = dead = None
@@ -410,7 +380,7 @@ def _candidate(prob: _Problem, p_sal: float, config: BiVLMConfig, bit_budget: fl
         return out
     q = dequantize(out.codes)  # the codes without column scales
     c, error = prob.c, layer_error(prob.w0, q * prob.c, prob.h0)
-    solved = _solve_col_scale(prob.w0, q, prob.h0, prob.c, config.percdamp)
+    solved = solve_col_scale([prob.w0], [q], [prob.h0], prob.c, config.percdamp)
     if config.fp16_params:
         fp16_max = torch.finfo(torch.float16).max
         solved = solved.clamp(-fp16_max, fp16_max).half().float()

@@ -45,6 +45,7 @@ from bivlm_plugin.core.bits import ring_index_bits
 from bivlm_plugin.core.bivlm import bivlm_options
 from bivlm_plugin.core.hessian import HessianAccumulator
 from bivlm_plugin.core.types import QuantResult, get_method
+from bivlm_plugin.integrations.llmcompressor.fold import FoldGroup, resolve_fold_groups
 
 __all__ = ["BiVLMModifier", "LayerRecord", "register_modifiers"]
 
@@ -121,6 +122,11 @@ class BiVLMModifier(Modifier):
             each column re-picked after the updates of the columns before it).
         col_scale: also store one fp16 scale per input column (``BiVLMConfig.col_scale``);
             such layers are saved fake-quantized (not in the packed format yet).
+        fold_scales: per-input-column scales at zero bits: one scale vector shared by the
+            linears that read the same input (q / k / v, gate / up, down), folded into the
+            norm or linear that produces it (``integrations.llmcompressor.fold``; which
+            layers feed which is llm-compressor's AWQ mapping table). Packs and serves as is.
+            Bi-VLM only; needs ``scale_mode: row_ring``; not with ``col_scale``.
         p_sal_candidates / bit_budget: per-layer salient share of language-model linears chosen
             by tr(R H R^T) under a storage-bit budget (a cap per layer, or with
             ``allocation: model`` the average over every quantized weight).
@@ -160,6 +166,7 @@ class BiVLMModifier(Modifier):
     compensate: bool = True
     code_choice: Literal["block", "column"] = "block"
     col_scale: bool = False
+    fold_scales: bool = False
     block_size: int = Field(default=128, gt=0)
     dampening_frac: float = Field(default=0.01, ge=0.0, lt=1.0)
     p_sal_candidates: list[float] | None = None
@@ -181,6 +188,8 @@ class BiVLMModifier(Modifier):
     _records: list[LayerRecord] = PrivateAttr(default_factory=list)
     _codes: dict[str, Any] = PrivateAttr(default_factory=dict)
     _ledger: BitLedger | None = PrivateAttr(default=None)
+    _fold_groups: list[FoldGroup] = PrivateAttr(default_factory=list)
+    _folded: set[int] = PrivateAttr(default_factory=set)
 
     @field_validator("method")
     @classmethod
@@ -198,11 +207,22 @@ class BiVLMModifier(Modifier):
     @model_validator(mode="after")
     def _check_fields(self) -> BiVLMModifier:
         """Every field a recipe sets is used or rejected here, at construction, naming it."""
-        own = sorted({"n_rings_candidates", "allocation"} & self.model_fields_set)
+        own = sorted({"n_rings_candidates", "allocation", "fold_scales"} & self.model_fields_set)
         if self.method != "bivlm" and own:
             raise ValueError(
                 f"recipe field(s) {own} are used by method 'bivlm' only, not {self.method!r}; "
                 "remove them"
+            )
+        if self.fold_scales and self.col_scale:
+            raise ValueError(
+                "fold_scales and col_scale both add column scales; choose one (fold_scales: "
+                "shared scales folded into the previous layer, 0 bits; col_scale: one fp16 per "
+                "column stored with each layer)"
+            )
+        if self.fold_scales and self.scale_mode != "row_ring":
+            raise ValueError(
+                f"fold_scales needs scale_mode: row_ring (a folded scale rescales the rows of "
+                f"a quantized linear such as up_proj), got scale_mode: {self.scale_mode}"
             )
         rings = [self.n_rings]
         if self.n_rings_candidates is not None:
@@ -306,6 +326,20 @@ class BiVLMModifier(Modifier):
                 f"ignore={self.ignore}, scope={self.scope!r}; check the recipe's targets "
                 "(e.g. [Linear] or 're:.*self_attn.*') against model.named_modules()"
             )
+        if self.fold_scales:
+            names = {m: name for m, (name, _) in self._modules.items()}
+            self._fold_groups, skipped = resolve_fold_groups(state.model, names)
+            if not self._fold_groups:
+                raise ValueError(
+                    f"fold_scales: true found nothing to fold in {type(state.model).__name__} "
+                    f"(llm-compressor's AWQ mappings for it matched no norm / linear feeding "
+                    f"quantized linears; skipped: {skipped[:4]}); remove fold_scales"
+                )
+            logger.info(
+                "fold_scales: %d producers fold column scales, %d skipped",
+                len(self._fold_groups),
+                len(skipped),
+            )
         if self.allocation == "model":
             total = sum(m.weight.numel() for m in self._modules)
             self._ledger = BitLedger(float(self.bit_budget), total)
@@ -332,12 +366,64 @@ class BiVLMModifier(Modifier):
 
     def on_sequential_epoch_end(self, state: State, event: Event, **kwargs) -> None:
         group = list(self._hessians)
+        folds = self._fold(group)
         allocated = [m for m in group if self._allocated(self._modules[m][1])]
         for module in group:
             if module not in allocated:
                 self._quantize_module(module)
         if allocated:
             self._quantize_group(allocated)
+        self._resolve_folds(folds)
+
+    @torch.no_grad()
+    def _fold(self, group: list[torch.nn.Module]) -> list[FoldGroup]:
+        """Fold the initial column scales of every group whose readers calibrated in this
+        subgraph (linear producers first, so a reader's weight is captured with its rows
+        already scaled); their Hessians become diag(c) H diag(c)."""
+        present = set(group)
+        todo = []
+        for g in self._fold_groups:
+            if id(g) in self._folded or not all(r in present for r in g.readers):
+                continue
+            if g.producer in self._modules and g.producer not in present:
+                logger.info(
+                    "fold_scales: %s is quantized in another subgraph; not folded", g.producer_name
+                )
+                self._folded.add(id(g))
+                continue
+            todo.append(g)
+        todo.sort(key=lambda g: not g.linear_producer)
+        for g in todo:
+            accs = [self._hessians[r] for r in g.readers]
+            for acc, h in zip(accs, g.fold([a.hessian for a in accs]), strict=True):
+                acc.hessian = h
+            self._folded.add(id(g))
+        return todo
+
+    @torch.no_grad()
+    def _resolve_folds(self, folds: list[FoldGroup]) -> None:
+        """Re-solve each folded scale against its readers' codes (norm producers first, whose
+        readers' codes a linear producer's correction then rescales) and record it."""
+        for g in sorted(folds, key=lambda g: g.linear_producer):
+            codes = [dequantize(self._codes[n]) for n in g.reader_names]
+            own = self._codes.get(g.producer_name) if g.linear_producer else None
+            info, errors, new = g.resolve(codes, self.dampening_frac, own)
+            if new is not None:
+                self._codes[g.producer_name] = new
+            for name, error in zip(g.reader_names, errors, strict=True):
+                i = next(i for i, r in enumerate(self._records) if r.name == name)
+                rec = self._records[i]
+                self._records[i] = dataclasses.replace(
+                    rec, error=error, info={**rec.info, "folded_scale": info}
+                )
+            logger.info(
+                "fold_scales: %s <- %s: error %.4g -> %.4g%s",
+                g.producer_name,
+                ", ".join(n.rsplit(".", 1)[-1] for n in g.reader_names),
+                info["error_initial_scale"],
+                info["error"],
+                " (re-solved)" if info["resolved"] else "",
+            )
 
     def _allocated(self, part: str) -> bool:
         """Whether modules of ``part`` choose among candidates by the model-wide ledger."""
@@ -505,6 +591,16 @@ class BiVLMModifier(Modifier):
     @property
     def records(self) -> list[LayerRecord]:
         return list(self._records)
+
+    @property
+    def folded_scales(self) -> dict[str, torch.Tensor]:
+        """``fold_scales``: producer name -> (width,) scale folded into it (its output is c
+        times the original; its readers' weights are divided by c)."""
+        return {
+            g.producer_name: g.scale.clone()
+            for g in self._fold_groups
+            if id(g) in self._folded and g.scale is not None
+        }
 
     @property
     def codes(self) -> dict[str, Any]:

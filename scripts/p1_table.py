@@ -31,10 +31,18 @@ def row(path: Path, machine: str) -> str:
     date = res["environment"]["date"][:10]
     # What the folder holds (config.json), not what the report says: a run that straddled a
     # code change once wrote a packed checkpoint with an old report label.
+    # Where the folder is gone (a fresh clone of docs/measurements), the report's label.
     config = Path(res["model"]) / "config.json"
-    qcfg = json.loads(config.read_text()).get("quantization_config", {}) if config.is_file() else {}
-    fmt = {"bivlm-binary": "packed bivlm-binary", "pack-quantized": "packed (compressed-tensors)"}
-    fmt = fmt.get(qcfg.get("format"), "bf16" if not qcfg else str(qcfg.get("format")))
+    names = {"bivlm-binary": "packed bivlm-binary", "pack-quantized": "packed (compressed-tensors)"}
+    if config.is_file():
+        qcfg = json.loads(config.read_text()).get("quantization_config", {})
+        fmt = names.get(qcfg.get("format"), "bf16" if not qcfg else str(qcfg.get("format")))
+    else:
+        label = q.get("format", "")
+        fmt = names.get(label, "packed (compressed-tensors)" if "compressed" in label else "bf16")
+    env = res["environment"]
+    cap = str(env.get("cpu_capability", "?")).lower()
+    machine = machine or f"cpu{env.get('cpus', '?')}-{cap}"
     calib = q.get("calibration_dtype", "-")
     return (
         f"| {path.stem} | {q.get('method', 'fp')} | {q.get('weight_bits', 16):.3f} | "
@@ -45,7 +53,9 @@ def row(path: Path, machine: str) -> str:
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--machine", default="cpu2", help="machine label for the rows")
+    ap.add_argument(
+        "--machine", default=None, help="machine label for the rows (default: from each JSON)"
+    )
     ap.add_argument("json", nargs="+", type=Path)
     args = ap.parse_args()
     print(

@@ -16,6 +16,7 @@ from bivlm_plugin.core.binarize import (
     quantize_with_grid,
     round_params_fp16,
     salient_mask,
+    scale_rows,
 )
 from bivlm_plugin.core.partition import partition
 
@@ -146,6 +147,22 @@ def test_round_params_fp16() -> None:
     c2 = dataclasses.replace(c, alpha_ring=torch.tensor([[1.0001], [1.0]]))
     assert round_params_fp16(c2).alpha_ring[0, 0].item() == 1.0
     assert c.mu.dtype == torch.float32
+
+
+@pytest.mark.parametrize("mean_mode", ["row", "row_subset"])
+def test_scale_rows_scales_every_level_of_a_row(mean_mode: str) -> None:
+    torch.manual_seed(0)
+    w = torch.randn(5, 13)
+    codes = encode(w, partition(w, 0.15, 2), "row_ring", mean_mode)
+    r = torch.tensor([2.0, 0.5, 1.0, 3.0, 0.25])
+    scaled = scale_rows(codes, r)
+    assert torch.allclose(dequantize(scaled), r[:, None] * dequantize(codes), atol=1e-6)
+    assert torch.equal(scaled.signs, codes.signs) and torch.equal(scaled.ring, codes.ring)
+    with pytest.raises(ValueError, match=r"\(out,\) = \(5,\)"):
+        scale_rows(codes, r[:4])
+    ring = encode(w, partition(w, 0.15, 2), "ring", mean_mode)
+    with pytest.raises(ValueError, match="scale_mode: row_ring"):
+        scale_rows(ring, r)
 
 
 def test_bad_codes_and_grid_inputs() -> None:

@@ -8,7 +8,12 @@ import torch
 from bivlm_plugin.core.binarize import dequantize
 from bivlm_plugin.core.bits import count_bits
 from bivlm_plugin.core.bivlm import BiVLMConfig, bivlm_options, quantize_bivlm
-from bivlm_plugin.core.colscale import fold_norm_weight, initial_col_scale, solve_col_scale
+from bivlm_plugin.core.colscale import (
+    fold_norm_weight,
+    initial_col_scale,
+    solve_col_scale,
+    tie_scale,
+)
 from bivlm_plugin.core.refine import layer_error
 
 
@@ -94,11 +99,26 @@ def test_shared_solve_is_the_least_squares_of_the_summed_errors() -> None:
     ws = [torch.randn(8, 12, generator=gen), torch.randn(5, 12, generator=gen)]
     qs = [torch.sign(w) for w in ws]
     c = solve_col_scale(ws, qs, [h, h], torch.ones(12), 0.0).requires_grad_(True)
-    loss = sum(torch.trace((w - q * c) @ h @ (w - q * c).T) for w, q in zip(ws, qs))
+    loss = sum(torch.trace((w - q * c) @ h @ (w - q * c).T) for w, q in zip(ws, qs, strict=True))
     (grad,) = torch.autograd.grad(loss, c)
     assert grad.abs().max() < 1e-3 * loss.item()
     with pytest.raises(ValueError, match="one code and one Hessian per target"):
         solve_col_scale(ws, qs[:1], [h, h], torch.ones(12), 0.0)
+
+
+def test_tied_solve_recovers_tied_scales() -> None:
+    # 12 columns taking 4 free scales in groups of 3 (o_proj under grouped-query attention).
+    gen = torch.Generator().manual_seed(4)
+    tie = torch.arange(12) // 3
+    free = torch.exp(0.5 * torch.randn(4, generator=gen))
+    q = torch.randn(16, 12, generator=gen)
+    x = torch.randn(256, 12, generator=gen)
+    h = 2 * x.T @ x / 256
+    c0 = torch.ones(12)
+    got = solve_col_scale([q * free[tie]], [q], [h], c0, 0.0, tie)
+    torch.testing.assert_close(got, free[tie], rtol=1e-3, atol=1e-3)
+    c = torch.tensor([1.0, 4.0, 2.0, 8.0])
+    torch.testing.assert_close(tie_scale(c, torch.tensor([0, 0, 1, 1])), torch.tensor([2.0, 4.0]))
 
 
 def test_initial_col_scale_by_hand() -> None:

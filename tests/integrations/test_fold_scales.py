@@ -61,7 +61,7 @@ def _gemma3(vocab: int = 96):
         intermediate_size=160,
         num_hidden_layers=2,
         num_attention_heads=4,
-        num_key_value_heads=4,
+        num_key_value_heads=1,
         head_dim=16,
         sliding_window=16,
     )
@@ -107,17 +107,21 @@ def test_groups_follow_the_awq_mappings_and_skip_what_cannot_fold() -> None:
         ("mlp.up_proj", ("down_proj",)),
     }
     assert not skipped
-    gqa = _llama(kv_heads=2)
+    gqa = _llama(kv_heads=2)  # 4 query heads of 16, 2 value heads: o's columns tie in pairs
     groups, skipped = resolve_fold_groups(gqa, _linears(gqa))
-    assert len(groups) == 6 and len(skipped) == 2  # v -> o under grouped-query attention
-    assert all("grouped-query" in s for s in skipped)
+    assert len(groups) == 8 and not skipped
+    vo = next(g for g in groups if g.producer_name.endswith("layers.0.self_attn.v_proj"))
+    j = torch.arange(64)
+    assert torch.equal(vo.tie, (j // 16) // 2 * 16 + j % 16)
     partial = {m: n for m, n in _linears(gqa).items() if not n.endswith("k_proj")}
     groups, skipped = resolve_fold_groups(gqa, partial)
     assert not any(g.producer_name.endswith("input_layernorm") for g in groups)
     assert any("not quantized" in s for s in skipped)
 
 
-@pytest.mark.parametrize("build", [lambda: _llama(4), _gemma3], ids=["llama", "gemma3"])
+@pytest.mark.parametrize(
+    "build", [lambda: _llama(4), lambda: _llama(2), _gemma3], ids=["llama", "llama-gqa", "gemma3"]
+)
 def test_folding_keeps_the_function_and_resolve_folds_the_solved_scale(build) -> None:
     model = build()
     ids = torch.randint(0, 96, (2, 12), generator=torch.Generator().manual_seed(0))
@@ -161,7 +165,7 @@ def _unfold(model, scales: dict[str, torch.Tensor], original) -> torch.nn.Module
                 continue
             c = scales[g.producer_name]
             for r in g.readers:
-                r.weight.mul_(c)
+                r.weight.mul_(c if g.tie is None else c[g.tie])
             if g.linear_producer:
                 g.producer.weight.div_(c.unsqueeze(1))
             else:
@@ -169,13 +173,14 @@ def _unfold(model, scales: dict[str, torch.Tensor], original) -> torch.nn.Module
     return out
 
 
-def test_oneshot_with_fold_scales(tiny_tokenizer, tmp_path) -> None:
+@pytest.mark.parametrize("kv_heads", [4, 2])
+def test_oneshot_with_fold_scales(tiny_tokenizer, tmp_path, kv_heads) -> None:
     from llmcompressor.core import active_session
     from transformers import AutoModelForCausalLM
 
     from oneshot_helpers import oneshot_on_random_tokens
 
-    _llama(kv_heads=4, vocab=len(tiny_tokenizer) + 16).save_pretrained(tmp_path)
+    _llama(kv_heads=kv_heads, vocab=len(tiny_tokenizer) + 16).save_pretrained(tmp_path)
     tiny_tokenizer.save_pretrained(tmp_path)
     model = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32)
     original = copy.deepcopy(model)

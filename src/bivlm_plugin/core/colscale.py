@@ -18,7 +18,7 @@ from collections.abc import Sequence
 
 import torch
 
-__all__ = ["fold_norm_weight", "initial_col_scale", "solve_col_scale"]
+__all__ = ["fold_norm_weight", "initial_col_scale", "solve_col_scale", "tie_scale"]
 
 
 def initial_col_scale(w: torch.Tensor, fp16: bool = False) -> torch.Tensor:
@@ -41,12 +41,29 @@ def initial_col_scale(w: torch.Tensor, fp16: bool = False) -> torch.Tensor:
     return c.half().float() if fp16 else c
 
 
+def tie_scale(c: torch.Tensor, tie: torch.Tensor) -> torch.Tensor:
+    """(n_free,) scales for tied columns: the geometric mean of the columns of each parameter.
+
+    Args:
+        c: (in,) positive column scales.
+        tie: (in,) int64 index of the free parameter each column takes (grouped-query
+            attention: o_proj's columns of the query heads that share a value head).
+    """
+    n = int(tie.max()) + 1
+    logs = torch.zeros(n, dtype=torch.float32, device=c.device).index_add_(0, tie, c.log())
+    counts = torch.zeros(n, dtype=torch.float32, device=c.device).index_add_(
+        0, tie, torch.ones_like(c)
+    )
+    return (logs / counts.clamp_min(1)).exp()
+
+
 def solve_col_scale(
     targets: Sequence[torch.Tensor],
     codes: Sequence[torch.Tensor],
     hessians: Sequence[torch.Tensor | None],
     c0: torch.Tensor,
     percdamp: float,
+    tie: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Least-squares (in,) c for W_l ~ Q_l diag(c), summed over layers l, damped toward ``c0``.
 
@@ -61,6 +78,11 @@ def solve_col_scale(
         hessians: (in, in) H_l or None, one per layer.
         c0: (in,) the scales the codes were chosen under.
         percdamp: damping fraction (the layer's GPTQ dampening).
+        tie: optional (in,) int64 free-parameter index of each column (``tie_scale``); the
+            solve is then over the free parameters, c = c_free[tie] (``c0`` must be tied).
+
+    Returns:
+        (in,) c (with ``tie``: expanded from the free parameters).
     """
     if not (len(targets) == len(codes) == len(hessians)) or not targets:
         raise ValueError(
@@ -79,9 +101,17 @@ def solve_col_scale(
             h = h.to(torch.float32)
             m += h * (q.T @ q)
             rhs += (q * (w @ h)).sum(dim=0)
+    c0 = c0.to(torch.float32)
+    if tie is not None:  # c = E c_free: solve E^T M E c_free = E^T rhs
+        k = int(tie.max()) + 1
+        m = torch.zeros(k, n, dtype=m.dtype, device=m.device).index_add_(0, tie, m)
+        m = torch.zeros(k, k, dtype=m.dtype, device=m.device).index_add_(1, tie, m)
+        rhs = torch.zeros(k, dtype=rhs.dtype, device=rhs.device).index_add_(0, tie, rhs)
+        c0 = torch.zeros(k, dtype=c0.dtype, device=c0.device).index_copy_(0, tie, c0)
     lam = max(percdamp, 1e-6) * float(torch.diagonal(m).mean())
     m.diagonal().add_(lam)
-    return torch.linalg.solve(m, rhs + lam * c0.to(torch.float32))
+    c = torch.linalg.solve(m, rhs + lam * c0)
+    return c if tie is None else c[tie]
 
 
 def fold_norm_weight(weight: torch.Tensor, scale: torch.Tensor, offset: float) -> torch.Tensor:

@@ -24,7 +24,12 @@ import logging
 import torch
 
 from bivlm_plugin.core.binarize import dequantize, round_params_fp16, scale_rows
-from bivlm_plugin.core.colscale import fold_norm_weight, initial_col_scale, solve_col_scale
+from bivlm_plugin.core.colscale import (
+    fold_norm_weight,
+    initial_col_scale,
+    solve_col_scale,
+    tie_scale,
+)
 from bivlm_plugin.core.refine import layer_error
 
 __all__ = ["FoldGroup", "norm_offset", "resolve_fold_groups"]
@@ -40,7 +45,11 @@ class FoldGroup:
         producer_name / producer: the norm or linear whose output the readers take.
         reader_names / readers: the quantized linears (their columns are scaled).
         offset: the norm's weight offset (0 LLaMA, 1 Gemma), or None for a linear producer.
-        scale: (in,) the scale folded before quantization (c0), set by :meth:`fold`.
+        tie: (in,) int64 producer output feeding each reader column, where they differ
+            (grouped-query attention's v -> o: the query heads of a group share a value head,
+            so their o_proj columns share its scale); None where column i is output i.
+        scale: (in,) the readers' column scale (c0 after :meth:`fold`, c after
+            :meth:`resolve`); the producer's output is scaled by :attr:`producer_scale`.
         targets / hessians: the readers' weights and Hessians before folding (for the re-solve).
     """
 
@@ -49,6 +58,7 @@ class FoldGroup:
     reader_names: list[str]
     readers: list[torch.nn.Module]
     offset: float | None
+    tie: torch.Tensor | None = None
     scale: torch.Tensor | None = None
     targets: list[torch.Tensor] = dataclasses.field(default_factory=list)
     hessians: list[torch.Tensor] = dataclasses.field(default_factory=list)
@@ -56,6 +66,14 @@ class FoldGroup:
     @property
     def linear_producer(self) -> bool:
         return self.offset is None
+
+    @property
+    def producer_scale(self) -> torch.Tensor | None:
+        """The scale of the producer's outputs (``scale`` itself unless tied)."""
+        if self.scale is None or self.tie is None:
+            return self.scale
+        free = torch.zeros(int(self.tie.max()) + 1, device=self.scale.device)
+        return free.index_copy_(0, self.tie, self.scale)
 
     @torch.no_grad()
     def fold(self, hessians: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -70,10 +88,12 @@ class FoldGroup:
         self.targets = [m.weight.data.to(torch.float32).clone() for m in self.readers]
         self.hessians = [h.clone() for h in hessians]
         c = initial_col_scale(torch.cat(self.targets))
+        if self.tie is not None:
+            c = tie_scale(c, self.tie)[self.tie]
         self.scale = c
         for m, w in zip(self.readers, self.targets, strict=True):
             m.weight.data.copy_((w / c).to(m.weight.dtype))
-        self._scale_producer(c, weight_too=True)
+        self._scale_producer(self.producer_scale, weight_too=True)
         return [h * c.unsqueeze(0) * c.unsqueeze(1) for h in hessians]
 
     @torch.no_grad()
@@ -100,19 +120,20 @@ class FoldGroup:
             ]
 
         err0 = errors(c0)
-        c = solve_col_scale(self.targets, codes, self.hessians, c0, percdamp)
+        c = solve_col_scale(self.targets, codes, self.hessians, c0, percdamp, self.tie)
         ok = bool(torch.isfinite(c).all()) and bool((c > 0).all())
         err = errors(c) if ok else None
         resolved = err is not None and sum(err) < sum(err0)
         new_codes = None
         if resolved:
-            factor = c / c0
+            old = self.producer_scale
+            self.scale = c
+            factor = self.producer_scale / old
             if producer_codes is not None:
                 new_codes = round_params_fp16(scale_rows(producer_codes, factor))
                 w = self.producer.weight
                 w.data.copy_(dequantize(new_codes).to(w.dtype))
             self._scale_producer(factor, weight_too=producer_codes is None)
-            self.scale = c
         final = err if resolved else err0
         info = {
             "into": self.producer_name,
@@ -208,15 +229,37 @@ def resolve_fold_groups(model: torch.nn.Module, quantized: dict[torch.nn.Module,
             else:
                 offset = norm_offset(producer)
                 out = producer.weight.numel() if offset is not None else None
-            if out != next(iter(width)):
+            tie = None
+            if offset is None and out != next(iter(width)):
+                tie = _gqa_tie(model, out, next(iter(width)))
+            if out != next(iter(width)) and tie is None:
                 skipped.append(
                     f"{pname} (output width {out} vs readers' input {next(iter(width))}"
-                    + (", e.g. grouped-query attention's v -> o)" if out else ")")
+                    + (", not grouped-query attention's v -> o)" if out else ")")
                 )
                 continue
             groups.append(
-                FoldGroup(pname, producer, [quantized[m] for m in readers], readers, offset)
+                FoldGroup(pname, producer, [quantized[m] for m in readers], readers, offset, tie)
             )
     if skipped:
         logger.info("fold_scales: %d producer(s) not folded: %s", len(skipped), skipped[:8])
     return groups, skipped
+
+
+def _gqa_tie(model: torch.nn.Module, out: int, width: int) -> torch.Tensor | None:
+    """o_proj column -> v_proj row under grouped-query attention (query head h reads value
+    head h // (heads / kv_heads), as transformers' ``repeat_kv``), or None if the text
+    config's heads do not explain ``out`` -> ``width``."""
+    config = getattr(model, "config", None)
+    if config is None:
+        return None
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    heads = getattr(text, "num_attention_heads", None)
+    kv = getattr(text, "num_key_value_heads", None) or heads
+    if not heads or not kv or heads % kv:
+        return None
+    hd = getattr(text, "head_dim", None) or text.hidden_size // heads
+    if out != kv * hd or width != heads * hd:
+        return None
+    j = torch.arange(width)
+    return (j // hd) // (heads // kv) * hd + j % hd

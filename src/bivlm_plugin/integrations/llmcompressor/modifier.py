@@ -597,7 +597,7 @@ class BiVLMModifier(Modifier):
         """``fold_scales``: producer name -> (width,) scale folded into it (its output is c
         times the original; its readers' weights are divided by c)."""
         return {
-            g.producer_name: g.scale.clone()
+            g.producer_name: g.producer_scale.clone()
             for g in self._fold_groups
             if id(g) in self._folded and g.scale is not None
         }

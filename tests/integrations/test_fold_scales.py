@@ -145,7 +145,7 @@ def test_folding_keeps_the_function_and_resolve_folds_the_solved_scale(build) ->
     c0 = g.scale.clone()
     info, errors, new = g.resolve(codes, 0.01)
     assert new is None and info["resolved"]
-    assert info["error"] < info["error_initial_scale"]
+    assert info["relative_error"] < info["relative_error_initial_scale"]
     for w, q, e in zip(targets, codes, errors, strict=True):
         assert e == pytest.approx(float(((w - q * g.scale) ** 2).sum()), rel=1e-5)
     off = g.offset

@@ -395,10 +395,30 @@ class BiVLMModifier(Modifier):
         todo.sort(key=lambda g: not g.linear_producer)
         for g in todo:
             accs = [self._hessians[r] for r in g.readers]
-            for acc, h in zip(accs, g.fold([a.hessian for a in accs]), strict=True):
+            hessians = [a.hessian for a in accs]
+            weights = self._reader_weights(g, hessians) if len(g.readers) > 1 else None
+            for acc, h in zip(accs, g.fold(hessians, weights), strict=True):
                 acc.hessian = h
             self._folded.add(id(g))
         return todo
+
+    def _reader_weights(self, g: FoldGroup, hessians: list[torch.Tensor]) -> list[float]:
+        """Each reader's relative calibration error under a cheap quantization (block code
+        choice, no refinement, the recipe's salient share): how much it stands to gain from a
+        column scale, so the shared scale leans toward it (``FoldGroup.fold``)."""
+        quantize, _ = get_method(self.method)
+        part = self._modules[g.readers[0]][1]
+        cheap = dataclasses.replace(
+            self.layer_config(part),
+            code_choice="block",
+            refine_iters=0,
+            p_sal_candidates=None,
+            bit_budget=None,
+        )
+        return [
+            float(quantize(m.weight.data.float(), h, cheap).info["relative_error"])
+            for m, h in zip(g.readers, hessians, strict=True)
+        ]
 
     @torch.no_grad()
     def _resolve_folds(self, folds: list[FoldGroup]) -> None:

@@ -35,6 +35,7 @@ quant_stage:
       ignore: [lm_head]
       p_sal: 0.02
       refine_iters: 1
+      fold_scales: true  # as the ~1-bit recipe: scales folded into norms / v / up rows
 """
 
 

@@ -119,7 +119,9 @@ def test_quantize_on_the_second_calibration_set(tiny_llama_dir, wikitext_dir, tm
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_quantize_calibration_dtype_is_forced(tiny_llama_dir, wikitext_dir, tmp_path, dtype) -> None:
+def test_quantize_calibration_dtype_is_forced(
+    tiny_llama_dir, wikitext_dir, tmp_path, dtype
+) -> None:
     out = tmp_path / dtype
     extra = ("--calibration-dtype", dtype, "--set", "refine_iters=0")
     assert _quantize(tiny_llama_dir, out, wikitext_dir, *extra) == 0

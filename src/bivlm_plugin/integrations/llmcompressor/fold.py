@@ -95,7 +95,7 @@ class FoldGroup:
             Their Hessians of the inputs they now see, diag(c0) H diag(c0).
         """
         self.targets = [m.weight.data.to(torch.float32).clone() for m in self.readers]
-        self.hessians = [h.clone() for h in hessians]
+        self.hessians = list(hessians)  # the caller swaps in new tensors; these stay as calibrated
         wt = torch.tensor(weights if weights is not None else [1.0] * len(self.readers))
         if not bool(torch.isfinite(wt).all()) or float(wt.sum()) <= 0:
             wt = torch.ones(len(self.readers))

@@ -345,7 +345,7 @@ def test_model_wide_allocation_mixes_layouts_and_serves_packed(
     ids = oneshot_on_random_tokens(model, tiny_tokenizer, ALLOCATION_RECIPE, 300)
     mod = _modifier()
     summary = mod.summary()
-    assert summary["allocation"] == {"mode": "model", "bit_budget": 2.6}
+    assert summary["allocation"] == {"mode": "model", "bit_budget": 2.6, "error": "relative"}
     assert summary["storage_bits"] <= 2.6 + 1e-9
     chosen = {(lay["info"]["p_sal"], lay["info"]["n_rings"]) for lay in summary["layers"]}
     assert len(chosen) >= 2, chosen  # the budget was spent unevenly
@@ -373,3 +373,49 @@ def test_model_wide_allocation_mixes_layouts_and_serves_packed(
     # The files add byte padding of the sparse second plane over count_bits (see
     # test_quantize_cli): at most 7 bits per row.
     assert from_files - summary["storage_bits"] <= 7 / 64 + 1e-9
+
+
+@pytest.mark.parametrize("currency", ["relative", "absolute"])
+def test_model_wide_allocation_trades_the_chosen_error_against_bits(
+    currency, tiny_llama_dir, tiny_tokenizer
+) -> None:
+    """allocation_error picks the error the ledger minimizes: each decoder layer's choice is
+    core.allocate's on the recorded options with that error, under the budget left then."""
+    from transformers import AutoModelForCausalLM
+
+    from bivlm_plugin.core.allocate import allocate
+    from oneshot_helpers import oneshot_on_random_tokens
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32)
+    recipe = ALLOCATION_RECIPE.replace("bit_budget: 2.6", "bit_budget: 2.3") + (
+        f"      allocation_error: {currency}\n"
+    )
+    oneshot_on_random_tokens(model, tiny_tokenizer, recipe, 300)
+    summary = _modifier().summary()
+    assert summary["allocation"] == {"mode": "model", "bit_budget": 2.3, "error": currency}
+    groups: dict[str, list[dict]] = {}
+    for lay in summary["layers"]:
+        groups.setdefault(lay["name"].split(".self_attn")[0].split(".mlp")[0], []).append(lay)
+    key = "relative_error" if currency == "relative" else "error"
+    other = "error" if currency == "relative" else "relative_error"
+    differs = False
+    for layers in groups.values():
+        opts = [lay["info"]["allocation"]["options"] for lay in layers]
+        sizes = [lay["shape"][0] * lay["shape"][1] for lay in layers]
+        left = layers[0]["info"]["allocation"]["budget_left_per_weight"]
+        want = allocate(
+            [[(o["storage_bits"], o[key]) for o in op] for op in opts], sizes, left * sum(sizes)
+        )
+        got = [
+            next(
+                i
+                for i, o in enumerate(op)
+                if (o["p_sal"], o["n_rings"]) == (lay["info"]["p_sal"], lay["info"]["n_rings"])
+            )
+            for op, lay in zip(opts, layers, strict=True)
+        ]
+        assert got == want
+        differs |= got != allocate(
+            [[(o["storage_bits"], o[other]) for o in op] for op in opts], sizes, left * sum(sizes)
+        )
+    assert differs  # the two currencies disagree somewhere here, so the option is exercised

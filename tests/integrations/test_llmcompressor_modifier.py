@@ -98,6 +98,16 @@ def test_bad_method_args_name_the_fields() -> None:
         ),
         ({"allocation": "model", "bit_budget": 1.3}, "nothing to allocate"),
         ({"allocation": "everywhere"}, "allocation"),
+        ({"allocation_error": "absolute"}, "allocation_error: absolute is read by allocation"),
+        (
+            {
+                "allocation": "model",
+                "bit_budget": 1.3,
+                "p_sal_candidates": [0.0, 0.01],
+                "allocation_error": "squared",
+            },
+            "allocation_error",
+        ),
         ({"n_rings_candidates": []}, "n_rings_candidates"),
         ({"method": "billm", "fold_scales": True}, r"\['fold_scales'\] are used by method 'bivlm'"),
         ({"fold_scales": True, "col_scale": True}, "choose one"),

@@ -135,8 +135,12 @@ class BiVLMModifier(Modifier):
         allocation: ``layer`` (each layer takes its least-error candidate within
             ``bit_budget``) or ``model`` (``bit_budget`` is the model-wide average: each
             sequential group, a decoder layer at a time, spends the budget left per weight left
-            on the candidates whose relative calibration error falls most per bit;
+            on the candidates whose calibration error falls most per bit;
             ``core.allocate``). Bi-VLM only.
+        allocation_error: the error the model-wide ledger trades against bits: ``relative``
+            (tr(R H R^T) / tr(W H W^T), each layer's share of its own output lost) or
+            ``absolute`` (tr(R H R^T), the squared output error per calibration token, which
+            weighs a layer by the size of what it writes). Only with ``allocation: model``.
         p_sal_candidates_vision: the same search for vision-encoder linears (under the same
             bit_budget); by default they take ``p_sal_vision``, outside the budget (the vision
             encoder is a few percent of a VLM's weights; the report counts its bits).
@@ -174,6 +178,7 @@ class BiVLMModifier(Modifier):
     bit_budget: float | None = Field(default=None, gt=0.0)
     n_rings_candidates: list[int] | None = None
     allocation: Literal["layer", "model"] = "layer"
+    allocation_error: Literal["relative", "absolute"] = "relative"
     method_args: dict[str, Any] = Field(default_factory=dict)
 
     scope: Literal["language", "all"] = "language"
@@ -207,7 +212,10 @@ class BiVLMModifier(Modifier):
     @model_validator(mode="after")
     def _check_fields(self) -> BiVLMModifier:
         """Every field a recipe sets is used or rejected here, at construction, naming it."""
-        own = sorted({"n_rings_candidates", "allocation", "fold_scales"} & self.model_fields_set)
+        own = sorted(
+            {"n_rings_candidates", "allocation", "allocation_error", "fold_scales"}
+            & self.model_fields_set
+        )
         if self.method != "bivlm" and own:
             raise ValueError(
                 f"recipe field(s) {own} are used by method 'bivlm' only, not {self.method!r}; "
@@ -233,6 +241,11 @@ class BiVLMModifier(Modifier):
                     f"n_rings_candidates {self.n_rings_candidates} must be a non-empty list of "
                     "ring counts in [1, 256], e.g. [1, 2]"
                 )
+        if "allocation_error" in self.model_fields_set and self.allocation != "model":
+            raise ValueError(
+                f"allocation_error: {self.allocation_error} is read by allocation: model only "
+                f"(allocation is {self.allocation!r}); set allocation: model or remove it"
+            )
         if self.allocation == "model":
             if self.bit_budget is None:
                 raise ValueError(
@@ -541,9 +554,14 @@ class BiVLMModifier(Modifier):
             tables.append([dataclasses.replace(r, w_hat=None) for r in options])
             sizes.append(module.weight.numel())
         left = self._ledger.left_per_weight
+
+        def cost(r: QuantResult) -> float:
+            return float(
+                r.info["relative_error"] if self.allocation_error == "relative" else r.error
+            )
+
         choice = self._ledger.allocate_group(
-            [[(r.bits.storage_bits, r.info["relative_error"]) for r in opts] for opts in tables],
-            sizes,
+            [[(r.bits.storage_bits, cost(r)) for r in opts] for opts in tables], sizes
         )
         seconds = (time.perf_counter() - start) / len(modules)
         for module, opts, c in zip(modules, tables, choice, strict=True):
@@ -557,6 +575,7 @@ class BiVLMModifier(Modifier):
                         "n_rings": r.info["n_rings"],
                         "storage_bits": r.bits.storage_bits,
                         "relative_error": r.info["relative_error"],
+                        "error": r.error,
                     }
                     for r in opts
                 ],
@@ -643,7 +662,13 @@ class BiVLMModifier(Modifier):
             "storage_bits": avg("storage_bits"),
             "quantize_seconds": sum(r.seconds for r in self._records),
             **(
-                {"allocation": {"mode": "model", "bit_budget": self.bit_budget}}
+                {
+                    "allocation": {
+                        "mode": "model",
+                        "bit_budget": self.bit_budget,
+                        "error": self.allocation_error,
+                    }
+                }
                 if self.allocation == "model"
                 else {}
             ),

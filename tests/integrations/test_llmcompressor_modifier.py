@@ -86,6 +86,7 @@ def test_bad_method_args_name_the_fields() -> None:
         ({"method": "arb_rc", "p_sal_vision": 0.05}, r"\['p_sal_vision'\] are not used"),
         ({"method": "rtn_sign", "block_size": 64}, r"\['block_size'\] are not used"),
         ({"method": "billm", "col_scale": True}, r"\['col_scale'\] are not used"),
+        ({"method": "billm", "act_order": True}, r"\['act_order'\] are not used"),
         ({"method": "billm", "block_size": 64, "method_args": {"block_size": 32}}, "set each once"),
         (
             {"method": "billm", "allocation": "model"},

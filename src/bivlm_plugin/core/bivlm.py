@@ -107,6 +107,10 @@ class BiVLMConfig:
         code_choice: under compensation, ``"block"`` picks a block's codes once, then spreads
             their errors (BiLLM's order); ``"column"`` re-picks each column's codes after the
             errors of the columns before it (GPTQ proper; the grid is frozen either way).
+        act_order: under compensation, visit the columns in decreasing order of the Hessian
+            diagonal (GPTQ's activation ordering, llm-compressor's ``actorder``): the inputs
+            that matter most are coded first, while the most later columns remain to absorb
+            their error. Only the order of the pass changes; the codes and the format do not.
         refit_iters: mean / scale least-squares passes on the final codes after compensation.
         block_size: GPTQ block width (the last block may be narrower).
         percdamp: Hessian damping as a share of its mean diagonal.
@@ -129,6 +133,7 @@ class BiVLMConfig:
     refine_weighted: bool = True
     compensate: bool = True
     code_choice: str = "block"
+    act_order: bool = False
     refit_iters: int = 2
     block_size: int = 128
     percdamp: float = 0.01
@@ -154,7 +159,7 @@ class BiVLMConfig:
         _int_at_least("refine_iters", self.refine_iters, 0)
         _int_at_least("refit_iters", self.refit_iters, 0)
         _int_at_least("block_size", self.block_size, 1)
-        for name in ("refine_weighted", "compensate", "fp16_params", "col_scale"):
+        for name in ("refine_weighted", "compensate", "act_order", "fp16_params", "col_scale"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"BiVLMConfig.{name} must be a bool, got {getattr(self, name)!r}")
         if isinstance(self.percdamp, bool) or not 0.0 <= float(self.percdamp) < 1.0:
@@ -227,10 +232,13 @@ def _compensate(
     hinv: torch.Tensor,
     part: Any,
     config: BiVLMConfig,
+    perm: torch.Tensor | None = None,
 ) -> BinaryCodes:
     """GPTQ pass with a frozen grid; returns codes picked on the compensated columns.
 
-    ``w`` should already have its dead-input columns zeroed (``_zero_dead``).
+    ``w`` should already have its dead-input columns zeroed (``_zero_dead``). With ``perm``
+    (act order) the pass visits column ``perm[k]`` k-th and ``hinv`` is the factor of
+    ``H[perm][:, perm]``; the codes come back in the layer's own column order.
     """
     grid = grid_from_codes(codes, part, config.assign)
     signs = torch.empty(w.shape, dtype=torch.bool, device=w.device)
@@ -239,12 +247,14 @@ def _compensate(
 
     def quantize_block(w_b: torch.Tensor, _hinv_b: torch.Tensor, col0: int) -> torch.Tensor:
         cols = slice(col0, col0 + w_b.shape[1])
+        if perm is not None:
+            cols = perm[cols]
         cc = quantize_with_grid(w_b, grid, cols)
         signs[:, cols], ring[:, cols], sign2[:, cols] = cc.signs, cc.ring, cc.sign2
         return cc.w_hat
 
     gptq_compensate(
-        w,
+        w if perm is None else w[:, perm],
         hinv,
         quantize_block,
         block_size=config.block_size,
@@ -293,8 +303,12 @@ def _run_candidate(
     p_sal: float,
     config: BiVLMConfig,
     bit_budget: float | None,
+    order: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> _Candidate | BitCount:
-    """One full pipeline at salient share ``p_sal``; returns the bit count alone if over budget."""
+    """One full pipeline at salient share ``p_sal``; returns the bit count alone if over budget.
+
+    ``order``: ``(perm, hinv of H[perm][:, perm])`` for an act-order compensation pass.
+    """
     score = _saliency(w, hinv, config, dead)
     part = partition(w, p_sal, config.n_rings, config.stats, config.salient_select, score)
     codes = encode(w, part, config.scale_mode, config.mean_mode)
@@ -320,7 +334,10 @@ def _run_candidate(
         info["refine_errors"] = res.errors
     if config.compensate and hinv is not None:
         w_live = _zero_dead(w, dead)
-        comp = _compensate(w_live, codes, hinv, part, config)
+        if order is None:
+            comp = _compensate(w_live, codes, hinv, part, config)
+        else:
+            comp = _compensate(w_live, codes, order[1], part, config, perm=order[0])
         if config.refit_iters:
             comp = refit(w_live, comp, h, config.refit_iters, config.percdamp)
         # GPTQ's greedy pass with a frozen 1-bit grid is not guaranteed to lower tr(R H R^T)
@@ -351,6 +368,7 @@ class _Problem:
     w0: torch.Tensor
     h0: torch.Tensor | None
     c: torch.Tensor | None
+    order: tuple[torch.Tensor, torch.Tensor] | None = None
 
 
 def _prepare(
@@ -370,12 +388,18 @@ def _prepare(
     hinv = dead = None
     if h is not None and (config.compensate or config.salient_metric == "hessian"):
         hinv, dead = inverse_cholesky(h, config.percdamp)
-    return config, _Problem(w=w, h=h, hinv=hinv, dead=dead, w0=w0, h0=h0, c=c)
+    order = None
+    if h is not None and config.compensate and config.act_order:
+        perm = torch.argsort(torch.diagonal(h), descending=True, stable=True)
+        order = (perm, inverse_cholesky(h[perm][:, perm], config.percdamp)[0])
+    return config, _Problem(w=w, h=h, hinv=hinv, dead=dead, w0=w0, h0=h0, c=c, order=order)
 
 
 def _candidate(prob: _Problem, p_sal: float, config: BiVLMConfig, bit_budget: float | None):
     """``_run_candidate`` on the problem, mapped back to the layer's own weight."""
-    out = _run_candidate(prob.w, prob.h, prob.hinv, prob.dead, p_sal, config, bit_budget)
+    out = _run_candidate(
+        prob.w, prob.h, prob.hinv, prob.dead, p_sal, config, bit_budget, prob.order
+    )
     if isinstance(out, BitCount) or prob.c is None:
         return out
     q = dequantize(out.codes)  # the codes without column scales

@@ -78,6 +78,7 @@ _SHARED_KNOBS = {
     "refit_iters": "refit_iters",
     "compensate": "compensate",
     "code_choice": "code_choice",
+    "act_order": "act_order",
     "col_scale": "col_scale",
     "block_size": "block_size",
     "dampening_frac": "percdamp",
@@ -120,6 +121,8 @@ class BiVLMModifier(Modifier):
         compensate / block_size / dampening_frac: GPTQ block-wise error compensation.
         code_choice: ``block`` (codes of a block picked at once) or ``column`` (GPTQ proper:
             each column re-picked after the updates of the columns before it).
+        act_order: compensate the columns in decreasing order of the Hessian diagonal (GPTQ's
+            activation ordering); the codes and the packed format are unchanged.
         col_scale: also store one fp16 scale per input column (``BiVLMConfig.col_scale``);
             such layers are saved fake-quantized (not in the packed format yet).
         fold_scales: per-input-column scales at zero bits: one scale vector shared by the
@@ -169,6 +172,7 @@ class BiVLMModifier(Modifier):
     refit_iters: int = Field(default=2, ge=0)
     compensate: bool = True
     code_choice: Literal["block", "column"] = "block"
+    act_order: bool = False
     col_scale: bool = False
     fold_scales: bool = False
     block_size: int = Field(default=128, gt=0)

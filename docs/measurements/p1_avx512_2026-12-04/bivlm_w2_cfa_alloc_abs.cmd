@@ -1,0 +1,1 @@
+bash scripts/p1_run.sh bivlm_w2_cfa_alloc_abs recipes/bivlm_lm_w2.yaml --set code_choice=column --set fold_scales=true --set act_order=true --set allocation=model --set allocation_error=absolute --set bit_budget=2.24 --set p_sal_candidates=[0.0,0.005,0.01,0.02] --calibration-dtype float32

@@ -70,16 +70,28 @@ def tiny_llama_config(vocab_size: int = 500, hidden: int = 64, layers: int = 2):
     )
 
 
-@pytest.fixture(scope="session")
-def tiny_llama_dir(tmp_path_factory, tiny_tokenizer) -> Path:
-    """A saved tiny random LLaMA with the tiny tokenizer."""
+def _save_random_llama(tmp_path_factory, tokenizer, name: str, **config) -> Path:
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(
-        tiny_llama_config(len(tiny_tokenizer) + 16)
+        tiny_llama_config(len(tokenizer) + 16, **config)
     )  # WordLevel ids can reach len()
-    out = tmp_path_factory.mktemp("tiny_llama")
+    out = tmp_path_factory.mktemp(name)
     model.save_pretrained(out)
-    tiny_tokenizer.save_pretrained(out)
+    tokenizer.save_pretrained(out)
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory, tiny_tokenizer) -> Path:
+    """A saved tiny random LLaMA with the tiny tokenizer."""
+    return _save_random_llama(tmp_path_factory, tiny_tokenizer, "tiny_llama")
+
+
+@pytest.fixture(scope="session")
+def small_llama_dir(tmp_path_factory, tiny_tokenizer) -> Path:
+    """One random decoder layer of width 512 (linear inputs 512 and 1056): wide enough that
+    per-row scales fit the shipped recipes' budgets, as in real models (the 64-wide tiny LLaMA
+    needs 2.1 bits at one ring)."""
+    return _save_random_llama(tmp_path_factory, tiny_tokenizer, "small_llama", hidden=512, layers=1)

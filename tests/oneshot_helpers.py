@@ -29,3 +29,36 @@ def oneshot_on_random_tokens(
         max_seq_length=seqlen,
     )
     return ids
+
+
+def bivlm_modifier():
+    """The ``BiVLMModifier`` of the active llm-compressor session (after ``oneshot``)."""
+    from llmcompressor.core import active_session
+
+    return next(
+        m
+        for m in active_session().lifecycle.recipe.modifiers
+        if type(m).__name__ == "BiVLMModifier"
+    )
+
+
+def packed_roundtrip(model, ids: torch.Tensor, path, layers: list[dict]) -> tuple[float, float]:
+    """Save ``model`` packed to ``path``, load it back in float32 and run both on ``ids``.
+
+    Returns (max |logits(loaded) - logits(model)|, storage bits per weight of the report's
+    ``layers`` as read from the saved files).
+    """
+    from transformers import AutoModelForCausalLM
+
+    from bivlm_plugin.format.checkpoint import storage_bits_from_files
+
+    with torch.no_grad():
+        ref = model(ids).logits
+    model.save_pretrained(path, save_compressed=True)
+    loaded = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    with torch.no_grad():
+        got = loaded(ids).logits
+    bits = storage_bits_from_files(path)
+    sizes = {lay["name"]: lay["shape"][0] * lay["shape"][1] for lay in layers}
+    from_files = sum(bits[n] * s for n, s in sizes.items()) / sum(sizes.values())
+    return (got - ref).abs().max().item(), from_files

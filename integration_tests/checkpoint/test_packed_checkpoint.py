@@ -46,13 +46,9 @@ RESIDENT_RATIO_MAX = 1.0
 
 
 def _modifier():
-    from llmcompressor.core import active_session
+    from oneshot_helpers import bivlm_modifier
 
-    return next(
-        m
-        for m in active_session().lifecycle.recipe.modifiers
-        if type(m).__name__ == "BiVLMModifier"
-    )
+    return bivlm_modifier()
 
 
 @pytest.fixture(scope="module")
@@ -339,7 +335,7 @@ def test_model_wide_allocation_mixes_layouts_and_serves_packed(
     model-wide average; the mixed layouts save packed and load back with equal logits."""
     from transformers import AutoModelForCausalLM
 
-    from oneshot_helpers import oneshot_on_random_tokens
+    from oneshot_helpers import oneshot_on_random_tokens, packed_roundtrip
 
     model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32)
     ids = oneshot_on_random_tokens(model, tiny_tokenizer, ALLOCATION_RECIPE, 300)
@@ -358,18 +354,8 @@ def test_model_wide_allocation_mixes_layouts_and_serves_packed(
             if (o["p_sal"], o["n_rings"]) == (lay["info"]["p_sal"], lay["info"]["n_rings"])
         ]
         assert mine and mine[0]["storage_bits"] == pytest.approx(lay["storage_bits"])
-    with torch.no_grad():
-        ref = model(ids).logits
-    model.save_pretrained(tmp_path, save_compressed=True)
-    loaded = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32)
-    with torch.no_grad():
-        got = loaded(ids).logits
-    assert (got - ref).abs().max().item() <= LOGIT_ATOL
-    bits = storage_bits_from_files(tmp_path)
-    n = sum(lay["shape"][0] * lay["shape"][1] for lay in summary["layers"])
-    from_files = (
-        sum(bits[lay["name"]] * lay["shape"][0] * lay["shape"][1] for lay in summary["layers"]) / n
-    )
+    diff, from_files = packed_roundtrip(model, ids, tmp_path, summary["layers"])
+    assert diff <= LOGIT_ATOL
     # The files add byte padding of the sparse second plane over count_bits (see
     # test_quantize_cli): at most 7 bits per row.
     assert from_files - summary["storage_bits"] <= 7 / 64 + 1e-9

@@ -334,10 +334,8 @@ def _run_candidate(
         info["refine_errors"] = res.errors
     if config.compensate and hinv is not None:
         w_live = _zero_dead(w, dead)
-        if order is None:
-            comp = _compensate(w_live, codes, hinv, part, config)
-        else:
-            comp = _compensate(w_live, codes, order[1], part, config, perm=order[0])
+        perm, hinv_pass = (None, hinv) if order is None else order
+        comp = _compensate(w_live, codes, hinv_pass, part, config, perm)
         if config.refit_iters:
             comp = refit(w_live, comp, h, config.refit_iters, config.percdamp)
         # GPTQ's greedy pass with a frozen 1-bit grid is not guaranteed to lower tr(R H R^T)

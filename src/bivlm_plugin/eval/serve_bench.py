@@ -174,6 +174,19 @@ def w4a16_unavailable() -> str | None:
     )
 
 
+def _failure_excerpt(stderr: str, tail: int = 3000) -> str:
+    """The engine core's own error lines (its traceback scrolls out of a plain tail: the
+    client's EngineDeadError follows it) and the last ``tail`` characters of ``stderr``."""
+    lines = stderr.splitlines()
+    start = next(
+        (i for i, line in enumerate(lines) if " ERROR " in line or line.startswith("Traceback")),
+        None,
+    )
+    head = "\n".join(lines[start : start + 60]) if start is not None else ""
+    rest = stderr[-tail:]
+    return f"{head}\n[...]\n{rest}" if head and head not in rest else rest
+
+
 def _run_worker(model: Path, prompts_file: Path, args: argparse.Namespace) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "result.json"
@@ -201,7 +214,8 @@ def _run_worker(model: Path, prompts_file: Path, args: argparse.Namespace) -> di
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
         if proc.returncode != 0 or not out.is_file():
             raise RuntimeError(
-                f"the vLLM run on {model} failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}"
+                f"the vLLM run on {model} failed (exit {proc.returncode}):\n"
+                f"{_failure_excerpt(proc.stderr)}"
             )
         return json.loads(out.read_text())
 

@@ -100,6 +100,69 @@ def test_budget_selection() -> None:
         quantize_bivlm(w, h, BiVLMConfig(p_sal_candidates=(0.0, 0.01), bit_budget=1.0))
 
 
+@pytest.mark.parametrize("search", ["encoded", "refined"])
+def test_cheap_search_finishes_only_the_winner(monkeypatch, search: str) -> None:
+    """The cheap searches compare the fitting shares on the error of their closed-form
+    (or refined) codes, then compensate once: the result is exactly the full pipeline at the
+    winning share, and the shares' proxy errors are what the report shows."""
+    import bivlm_plugin.core.bivlm as bivlm_mod
+    from bivlm_plugin.core.binarize import encode
+    from bivlm_plugin.core.partition import partition, saliency_score
+    from bivlm_plugin.core.refine import layer_error
+
+    torch.manual_seed(7)
+    w = torch.distributions.Laplace(0.0, 1.0).sample((24, 576))
+    h = _correlated_hessian(576, 8, tokens=1024)
+    cands = (0.0, 0.005, 0.01, 0.05)  # 0.05 is over the 1.3-bit budget
+    base = dict(p_sal_candidates=cands, bit_budget=1.3, refine_iters=2, n_rings=1)
+    calls = {"compensate": 0, "refine": 0}
+    real_comp, real_refine = bivlm_mod._compensate, bivlm_mod.refine
+
+    def counting(name, fn):
+        def wrapped(*args, **kwargs):
+            calls[name] += 1
+            return fn(*args, **kwargs)
+
+        return wrapped
+
+    monkeypatch.setattr(bivlm_mod, "_compensate", counting("compensate", real_comp))
+    monkeypatch.setattr(bivlm_mod, "refine", counting("refine", real_refine))
+    cheap = quantize_bivlm(w, h, BiVLMConfig(**base, candidate_search=search))
+    fits = 3
+    assert calls == {"compensate": 1, "refine": 1 if search == "encoded" else fits}
+    calls.update(compensate=0, refine=0)
+    full = quantize_bivlm(w, h, BiVLMConfig(**base))
+    assert calls == {"compensate": fits, "refine": fits}
+
+    info = cheap.info
+    assert info["candidate_search"] == search and full.info["candidate_search"] == "full"
+    assert set(info["candidates"]) == {0.0, 0.005, 0.01} and set(info["over_budget"]) == {0.05}
+    proxies = {p: c["proxy_error"] for p, c in info["candidates"].items()}
+    assert info["p_sal"] == min(proxies, key=proxies.get)
+    assert info["candidates"][info["p_sal"]]["error"] == cheap.error
+    if search == "encoded":  # the proxy is the error of the closed-form codes, by hand
+        mu = w.mean(dim=1, keepdim=True)
+        d = torch.diagonal(bivlm_mod.inverse_cholesky(h, 0.01)[0])
+        for p, got in proxies.items():
+            part = partition(w, p, 1, "row", "topk", saliency_score(w, mu, d))
+            want = layer_error(w, dequantize(encode(w, part, "row_ring", "row")), h)
+            assert got == pytest.approx(want, rel=1e-6)
+    # The winner is the full pipeline at that share, bit for bit.
+    fixed = quantize_bivlm(
+        w, h, BiVLMConfig(**{**base, "p_sal_candidates": None}, p_sal=info["p_sal"])
+    )
+    assert torch.equal(cheap.w_hat, fixed.w_hat) and cheap.error == fixed.error
+    # On these heavy-tailed rows both searches take the largest share that fits.
+    assert info["p_sal"] == full.info["p_sal"] == 0.01
+
+
+def test_cheap_search_still_names_the_smallest_achievable_budget() -> None:
+    w = torch.randn(8, 576)
+    cfg = BiVLMConfig(p_sal_candidates=(0.0, 0.01), bit_budget=1.0, candidate_search="encoded")
+    with pytest.raises(ValueError, match=r"smallest achievable is 1\.0556"):
+        quantize_bivlm(w, _correlated_hessian(576, 2), cfg)
+
+
 def test_no_hessian_picks_by_frobenius() -> None:
     torch.manual_seed(6)
     w = torch.distributions.Laplace(0.0, 1.0).sample((8, 300))
@@ -126,6 +189,7 @@ def test_no_hessian_picks_by_frobenius() -> None:
         (dict(p_sal_candidates=(0.01, 2.0)), "p_sal_candidates"),
         (dict(bit_budget=-1.0), "bit_budget"),
         (dict(compensate="yes"), "compensate"),
+        (dict(candidate_search="cheap"), "candidate_search"),
     ],
 )
 def test_config_validation(kwargs: dict, needle: str) -> None:

@@ -156,3 +156,35 @@ def test_bad_refine_inputs() -> None:
         refine(w, c, iters=-1)
     with pytest.raises(ValueError, match=r"hessian must be \(in, in\)"):
         refine(w, c, torch.eye(7), iters=1)
+
+
+@pytest.mark.parametrize(("scale_mode", "mean_mode"), [("row_ring", "row"), ("ring", "row_subset")])
+def test_carried_row_errors_equal_recomputed_ones(scale_mode: str, mean_mode: str) -> None:
+    """refine / refit carry each step's row errors to the next instead of recomputing them:
+    the carried figures equal recomputed ones after every step (rows that reject an update
+    included), and refine's codes equal the public steps run one by one."""
+    from bivlm_plugin.core.refine import _fit_means, _fit_scales, _update_codes, row_errors
+
+    torch.manual_seed(9)
+    w = torch.distributions.Laplace(0.0, 1.0).sample((24, 64))
+    x = torch.randn(20, 64) * torch.rand(64)  # fewer tokens than inputs: rank-deficient H
+    x[:, :3] = 0.0  # dead inputs
+    h = 2 * x.T @ x / x.shape[0]
+    part = partition(w, 0.05, 2)
+    codes = encode(w, part, scale_mode, mean_mode)
+    err = row_errors(w - dequantize(codes), h)
+    steps = [
+        lambda c, e: _fit_means(w, c, h, 0.01, e),
+        lambda c, e: _fit_scales(w, c, h, 0.01, e),
+        lambda c, e: _update_codes(w, c, h, part, "nearest", e),
+    ]
+    manual = codes
+    for _ in range(3):
+        for step in steps:
+            codes, err = step(codes, err)
+            torch.testing.assert_close(err, row_errors(w - dequantize(codes), h), rtol=1e-9, atol=0)
+        manual = update_codes(w, fit_scales(w, fit_means(w, manual, h, 0.01), h, 0.01), h, part)
+    res = refine(w, encode(w, part, scale_mode, mean_mode), h, iters=3, part=part, percdamp=0.01)
+    assert torch.equal(dequantize(res.codes), dequantize(manual))
+    assert torch.equal(dequantize(res.codes), dequantize(codes))
+    assert res.errors[-1] == float(row_errors(w - dequantize(manual), h).sum())

@@ -16,7 +16,9 @@ Pipeline for one (out, in) weight W and Hessian H (or None):
    steps 2 and 3 use H damped by ``percdamp`` (as the compensation does), since calibration
    Hessians are often rank-deficient.
 4. With ``p_sal_candidates``: every candidate within ``bit_budget`` storage bits is run and the
-   one of least tr(R H R^T) (Frobenius error without H) is kept.
+   one of least tr(R H R^T) (Frobenius error without H) is kept; with ``candidate_search``
+   ``"encoded"`` / ``"refined"`` the candidates are compared on the error after step 1 / 2
+   and only the winner goes on (one compensation per layer instead of one per share).
 
 With ``col_scale`` the layer also stores one fp16 scale per input column c, W_hat = Q * c (Q the
 row-wise codes above). It is a change of variables: steps 1-4 run on W' = W diag(1/c) with
@@ -65,6 +67,7 @@ logger = logging.getLogger(__name__)
 
 SALIENT_METRICS = ("hessian", "hessian_error", "magnitude")
 CODE_CHOICES = ("block", "column")
+CANDIDATE_SEARCHES = ("full", "encoded", "refined")
 
 
 def _choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
@@ -116,6 +119,12 @@ class BiVLMConfig:
         percdamp: Hessian damping as a share of its mean diagonal.
         p_sal_candidates: salient shares to choose from per layer, or None.
         bit_budget: maximum storage bits per weight, or None for no limit.
+        candidate_search: how the shares within the budget are compared. ``"full"``: each
+            runs the whole pipeline and the least final error wins. ``"encoded"``: each is
+            scored by the error of its closed-form codes (a partition and one encode, no
+            refinement or compensation) and only the winner runs the rest; ``"refined"``:
+            scored after refinement, only the winner is compensated. The cheap searches cost
+            about one candidate instead of one per fitting share.
         fp16_params: round scales and means to fp16 as they are stored.
         col_scale: also store one fp16 scale per input column (16 / out extra storage bits
             per weight; see the module docstring). Not in the packed format yet.
@@ -139,6 +148,7 @@ class BiVLMConfig:
     percdamp: float = 0.01
     p_sal_candidates: tuple[float, ...] | None = None
     bit_budget: float | None = None
+    candidate_search: str = "full"
     fp16_params: bool = True
     col_scale: bool = False
 
@@ -156,6 +166,7 @@ class BiVLMConfig:
         _choice("salient_metric", self.salient_metric, SALIENT_METRICS)
         _choice("assign", self.assign, ASSIGN_MODES)
         _choice("code_choice", self.code_choice, CODE_CHOICES)
+        _choice("candidate_search", self.candidate_search, CANDIDATE_SEARCHES)
         _int_at_least("refine_iters", self.refine_iters, 0)
         _int_at_least("refit_iters", self.refit_iters, 0)
         _int_at_least("block_size", self.block_size, 1)
@@ -295,20 +306,25 @@ def _saliency(
     return _zero_dead(saliency_score(inlier_err, torch.zeros_like(mu), d), dead)
 
 
-def _run_candidate(
+@dataclass(frozen=True)
+class _Encoded:
+    """A candidate after partition and closed-form codes (bits fixed from here on)."""
+
+    p_sal: float
+    part: Any
+    codes: BinaryCodes
+    bits: BitCount
+    info: dict[str, Any]
+
+
+def _encode_candidate(
     w: torch.Tensor,
-    h: torch.Tensor | None,
     hinv: torch.Tensor | None,
     dead: torch.Tensor | None,
     p_sal: float,
     config: BiVLMConfig,
-    bit_budget: float | None,
-    order: tuple[torch.Tensor, torch.Tensor] | None = None,
-) -> _Candidate | BitCount:
-    """One full pipeline at salient share ``p_sal``; returns the bit count alone if over budget.
-
-    ``order``: ``(perm, hinv of H[perm][:, perm])`` for an act-order compensation pass.
-    """
+) -> _Encoded:
+    """Partition at salient share ``p_sal`` and the closed-form codes (``binarize.encode``)."""
     score = _saliency(w, hinv, config, dead)
     part = partition(w, p_sal, config.n_rings, config.stats, config.salient_select, score)
     codes = encode(w, part, config.scale_mode, config.mean_mode)
@@ -316,26 +332,46 @@ def _run_candidate(
     bits = count_bits(
         dataclasses.replace(codes, col_scale=torch.ones(w.shape[1])) if config.col_scale else codes
     )
-    if bit_budget is not None and bits.storage_bits > bit_budget:
-        return bits
-    info: dict[str, Any] = {}
-    h_refine = h if config.refine_weighted else None
-    if config.refine_iters:
-        res = refine(
-            w,
-            codes,
-            h_refine,
-            config.refine_iters,
-            part=part,
-            assign=config.assign,
-            percdamp=config.percdamp,
-        )
-        codes = res.codes
-        info["refine_errors"] = res.errors
+    return _Encoded(p_sal=float(p_sal), part=part, codes=codes, bits=bits, info={})
+
+
+def _refine_candidate(
+    w: torch.Tensor, h: torch.Tensor | None, enc: _Encoded, config: BiVLMConfig
+) -> _Encoded:
+    """ARB / ARB-X refinement of an encoded candidate (``config.refine_iters`` iterations)."""
+    if not config.refine_iters:
+        return enc
+    res = refine(
+        w,
+        enc.codes,
+        h if config.refine_weighted else None,
+        config.refine_iters,
+        part=enc.part,
+        assign=config.assign,
+        percdamp=config.percdamp,
+    )
+    info = {**enc.info, "refine_errors": res.errors}
+    return dataclasses.replace(enc, codes=res.codes, info=info)
+
+
+def _finish_candidate(
+    w: torch.Tensor,
+    h: torch.Tensor | None,
+    hinv: torch.Tensor | None,
+    dead: torch.Tensor | None,
+    enc: _Encoded,
+    config: BiVLMConfig,
+    order: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> _Candidate:
+    """Compensation, refit and fp16 rounding of a refined candidate, and its final error.
+
+    ``order``: ``(perm, hinv of H[perm][:, perm])`` for an act-order compensation pass.
+    """
+    codes, info = enc.codes, dict(enc.info)
     if config.compensate and hinv is not None:
         w_live = _zero_dead(w, dead)
         perm, hinv_pass = (None, hinv) if order is None else order
-        comp = _compensate(w_live, codes, hinv_pass, part, config, perm)
+        comp = _compensate(w_live, codes, hinv_pass, enc.part, config, perm)
         if config.refit_iters:
             comp = refit(w_live, comp, h, config.refit_iters, config.percdamp)
         # GPTQ's greedy pass with a frozen 1-bit grid is not guaranteed to lower tr(R H R^T)
@@ -346,9 +382,25 @@ def _run_candidate(
             codes = comp
     if config.fp16_params:
         codes = round_params_fp16(codes)
-    w_hat = dequantize(codes)
-    error = layer_error(w, w_hat, h)
-    return _Candidate(p_sal=float(p_sal), codes=codes, bits=bits, error=error, info=info)
+    error = layer_error(w, dequantize(codes), h)
+    return _Candidate(p_sal=enc.p_sal, codes=codes, bits=enc.bits, error=error, info=info)
+
+
+def _run_candidate(
+    w: torch.Tensor,
+    h: torch.Tensor | None,
+    hinv: torch.Tensor | None,
+    dead: torch.Tensor | None,
+    p_sal: float,
+    config: BiVLMConfig,
+    bit_budget: float | None,
+    order: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> _Candidate | BitCount:
+    """One full pipeline at salient share ``p_sal``; returns the bit count alone if over budget."""
+    enc = _encode_candidate(w, hinv, dead, p_sal, config)
+    if bit_budget is not None and enc.bits.storage_bits > bit_budget:
+        return enc.bits
+    return _finish_candidate(w, h, hinv, dead, _refine_candidate(w, h, enc, config), config, order)
 
 
 @dataclass(frozen=True)
@@ -393,12 +445,9 @@ def _prepare(
     return config, _Problem(w=w, h=h, hinv=hinv, dead=dead, w0=w0, h0=h0, c=c, order=order)
 
 
-def _candidate(prob: _Problem, p_sal: float, config: BiVLMConfig, bit_budget: float | None):
-    """``_run_candidate`` on the problem, mapped back to the layer's own weight."""
-    out = _run_candidate(
-        prob.w, prob.h, prob.hinv, prob.dead, p_sal, config, bit_budget, prob.order
-    )
-    if isinstance(out, BitCount) or prob.c is None:
+def _with_col_scale(prob: _Problem, out: _Candidate, config: BiVLMConfig) -> _Candidate:
+    """A candidate of the (column-scaled) problem mapped back to the layer's own weight."""
+    if prob.c is None:
         return out
     q = dequantize(out.codes)  # the codes without column scales
     c, error = prob.c, layer_error(prob.w0, q * prob.c, prob.h0)
@@ -413,6 +462,33 @@ def _candidate(prob: _Problem, p_sal: float, config: BiVLMConfig, bit_budget: fl
     codes = dataclasses.replace(out.codes, col_scale=c)
     info = {**out.info, "col_scale_resolved": resolved}
     return _Candidate(p_sal=out.p_sal, codes=codes, bits=out.bits, error=error, info=info)
+
+
+def _candidate(prob: _Problem, p_sal: float, config: BiVLMConfig, bit_budget: float | None):
+    """``_run_candidate`` on the problem, mapped back to the layer's own weight."""
+    out = _run_candidate(
+        prob.w, prob.h, prob.hinv, prob.dead, p_sal, config, bit_budget, prob.order
+    )
+    return out if isinstance(out, BitCount) else _with_col_scale(prob, out, config)
+
+
+def _search_cheaply(
+    prob: _Problem, fits: list[_Encoded], config: BiVLMConfig
+) -> tuple[_Candidate, dict[float, float]]:
+    """The candidate of least proxy error, then the rest of the pipeline on it alone.
+
+    The proxy is tr(R H R^T) (Frobenius without H) of the closed-form codes
+    (``candidate_search="encoded"``) or of the refined ones (``"refined"``); shares in
+    ``fits`` are already within the budget. Returns the finished winner and every proxy error.
+    """
+    if config.candidate_search == "refined":
+        fits = [_refine_candidate(prob.w, prob.h, e, config) for e in fits]
+    proxy = {e.p_sal: layer_error(prob.w, dequantize(e.codes), prob.h) for e in fits}
+    best = min(fits, key=lambda e: proxy[e.p_sal])
+    if config.candidate_search == "encoded":
+        best = _refine_candidate(prob.w, prob.h, best, config)
+    done = _finish_candidate(prob.w, prob.h, prob.hinv, prob.dead, best, config, prob.order)
+    return _with_col_scale(prob, done, config), proxy
 
 
 def _result(w: torch.Tensor, h: torch.Tensor | None, best: _Candidate, extra: dict) -> QuantResult:
@@ -491,12 +567,26 @@ def quantize_bivlm(
     candidates = config.p_sal_candidates or (config.p_sal,)
     runs: list[_Candidate] = []
     over: list[tuple[float, BitCount]] = []
-    for p in candidates:
-        out = _candidate(prob, p, config, config.bit_budget)
-        if isinstance(out, BitCount):
-            over.append((float(p), out))
-        else:
-            runs.append(out)
+    proxy: dict[float, float] | None = None
+    if config.candidate_search == "full" or len(candidates) == 1:
+        for p in candidates:
+            out = _candidate(prob, p, config, config.bit_budget)
+            if isinstance(out, BitCount):
+                over.append((float(p), out))
+            else:
+                runs.append(out)
+    else:
+        fits = []
+        for p in candidates:
+            enc = _encode_candidate(prob.w, prob.hinv, prob.dead, p, config)
+            if config.bit_budget is not None and enc.bits.storage_bits > config.bit_budget:
+                over.append((float(p), enc.bits))
+            else:
+                fits.append(enc)
+        if fits:
+            best_run, proxy = _search_cheaply(prob, fits, config)
+            runs.append(best_run)
+            proxy_bits = {e.p_sal: e.bits.storage_bits for e in fits}
     if not runs:
         best_p, best_bits = min(over, key=lambda pb: pb[1].storage_bits)
         raise ValueError(
@@ -506,10 +596,14 @@ def quantize_bivlm(
             f"(p_sal={best_p}). Raise bit_budget, add smaller p_sal candidates, or use fewer rings."
         )
     best = min(runs, key=lambda c: c.error)
+    if proxy is None:
+        searched = {c.p_sal: {"storage_bits": c.bits.storage_bits, "error": c.error} for c in runs}
+    else:  # only the winner has a final error; every fitting share has its proxy error
+        searched = {p: {"storage_bits": proxy_bits[p], "proxy_error": e} for p, e in proxy.items()}
+        searched[best.p_sal]["error"] = best.error
     extra = {
-        "candidates": {
-            c.p_sal: {"storage_bits": c.bits.storage_bits, "error": c.error} for c in runs
-        },
+        "candidates": searched,
+        "candidate_search": config.candidate_search if proxy is not None else "full",
         "over_budget": {p: b.storage_bits for p, b in over},
     }
     logger.debug("bivlm %s: p_sal=%s bits=%.4f", tuple(w.shape), best.p_sal, best.bits.storage_bits)

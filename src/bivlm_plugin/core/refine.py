@@ -229,24 +229,28 @@ def _keep_better_rows(
     new: BinaryCodes,
     hessian: torch.Tensor | None,
     shared: bool = False,
-) -> BinaryCodes:
+    old_err: torch.Tensor | None = None,
+) -> tuple[BinaryCodes, torch.Tensor]:
     """``new`` where it is finite and does not raise the (undamped) error, else ``old``.
 
     Decided per row, or for the whole layer when ``shared`` (parameters shared by the rows).
+    ``old_err``: ``old``'s row errors when the caller has them. Returns the kept codes and
+    their row errors (each row's own: a row's error depends on its parameters alone).
     """
-    old_err = row_errors(weight - dequantize(old), hessian)
+    if old_err is None:
+        old_err = row_errors(weight - dequantize(old), hessian)
     new_err = row_errors(weight - dequantize(new), hessian)
     if shared:
         # NaN compares False: a non-finite update is never taken.
-        return new if bool(new_err.sum() <= old_err.sum()) else old
-    take = (new_err <= old_err).unsqueeze(1)
+        return (new, new_err) if bool(new_err.sum() <= old_err.sum()) else (old, old_err)
+    take = new_err <= old_err
     if bool(take.all()):
-        return new
+        return new, new_err
     fields = {}
     for name in ("mu", "alpha_ring", "alpha_sal"):
         a, b = getattr(old, name), getattr(new, name)
-        fields[name] = torch.where(take, b, a) if b.ndim == 2 else b
-    return replace(new, **fields)
+        fields[name] = torch.where(take.unsqueeze(1), b, a) if b.ndim == 2 else b
+    return replace(new, **fields), torch.where(take, new_err, old_err)
 
 
 def fit_means(
@@ -268,6 +272,17 @@ def fit_means(
         ``codes`` with new ``mu`` (empty subsets keep their previous mean; a row keeps its old
         means when the new ones are not finite or would raise its error).
     """
+    return _fit_means(weight, codes, hessian, percdamp)[0]
+
+
+def _fit_means(
+    weight: torch.Tensor,
+    codes: BinaryCodes,
+    hessian: torch.Tensor | None,
+    percdamp: float,
+    err: torch.Tensor | None = None,
+) -> tuple[BinaryCodes, torch.Tensor]:
+    """``fit_means`` given (optionally) the codes' row errors; returns the new ones too."""
     w = weight.to(torch.float32)
     h = _check_hessian(hessian, w.shape[1])
     h_solve = damp_hessian(h, percdamp)
@@ -286,7 +301,7 @@ def fit_means(
         new_mu = _row_lstsq(target, basis, h_solve)
         present = basis.sum(dim=1) > 0
         new = replace(codes, mu=torch.where(present, new_mu, codes.mu))
-    return _keep_better_rows(w, codes, new, h)
+    return _keep_better_rows(w, codes, new, h, old_err=err)
 
 
 def fit_scales(
@@ -311,6 +326,17 @@ def fit_scales(
         ``codes`` with new ``alpha_ring`` and ``alpha_sal`` (scales of empty subsets keep their
         previous value; an update that is not finite or would raise the error is not taken).
     """
+    return _fit_scales(weight, codes, hessian, percdamp)[0]
+
+
+def _fit_scales(
+    weight: torch.Tensor,
+    codes: BinaryCodes,
+    hessian: torch.Tensor | None,
+    percdamp: float,
+    err: torch.Tensor | None = None,
+) -> tuple[BinaryCodes, torch.Tensor]:
+    """``fit_scales`` given (optionally) the codes' row errors; returns the new ones too."""
     w = weight.to(torch.float32)
     h = _check_hessian(hessian, w.shape[1])
     h_solve = damp_hessian(h, percdamp)
@@ -327,12 +353,12 @@ def fit_scales(
         old = torch.cat([codes.alpha_ring.to(torch.float32), old_sal], dim=1)
         theta = torch.where(present, theta, old)
         new = replace(codes, alpha_ring=theta[:, :n], alpha_sal=theta[:, n:])
-        return _keep_better_rows(w, codes, new, h)
+        return _keep_better_rows(w, codes, new, h, old_err=err)
     shared, alpha_sal = _shared_and_row_lstsq(target, basis, n, h_solve)
     shared = torch.where(present[:, :n].any(dim=0), shared, codes.alpha_ring.to(torch.float32))
     alpha_sal = torch.where(present[:, n:], alpha_sal, old_sal)
     new = replace(codes, alpha_ring=shared, alpha_sal=alpha_sal)
-    return _keep_better_rows(w, codes, new, h, shared=True)
+    return _keep_better_rows(w, codes, new, h, shared=True, old_err=err)
 
 
 def update_codes(
@@ -354,17 +380,31 @@ def update_codes(
         part: partition, needed for ``assign="threshold"``.
         assign: ``"nearest"`` or ``"threshold"``.
     """
+    return _update_codes(weight, codes, hessian, part, assign)[0]
+
+
+def _update_codes(
+    weight: torch.Tensor,
+    codes: BinaryCodes,
+    hessian: torch.Tensor | None,
+    part: Partition | None,
+    assign: str,
+    err: torch.Tensor | None = None,
+) -> tuple[BinaryCodes, torch.Tensor]:
+    """``update_codes`` given (optionally) the codes' row errors; returns the new ones too."""
     w = weight.to(torch.float32)
     h = _check_hessian(hessian, w.shape[1])
     grid = grid_from_codes(codes, part, assign)
     cand = quantize_with_grid(w, grid, slice(None))
-    old_err = row_errors(w - dequantize(codes), h)
+    old_err = row_errors(w - dequantize(codes), h) if err is None else err
     new_err = row_errors(w - cand.w_hat, h)
-    take = (new_err <= old_err).unsqueeze(1)
+    keep = new_err <= old_err
+    take = keep.unsqueeze(1)
     signs = torch.where(take, cand.signs, codes.signs)
     ring = torch.where(take, cand.ring, codes.ring)
     sign2 = torch.where(take, cand.sign2, dense_sign2(codes))
-    return pack_codes(signs, ring, grid.salient, sign2, codes.alpha_ring, codes.alpha_sal, codes.mu)
+    new = pack_codes(signs, ring, grid.salient, sign2, codes.alpha_ring, codes.alpha_sal, codes.mu)
+    return new, torch.where(keep, new_err, old_err)
 
 
 def refit(
@@ -375,9 +415,12 @@ def refit(
     percdamp: float = 0.0,
 ) -> BinaryCodes:
     """Alternate ``fit_means`` and ``fit_scales`` ``iters`` times, codes kept."""
+    w = weight.to(torch.float32)
+    h = _check_hessian(hessian, w.shape[1])
+    err = None
     for _ in range(iters):
-        codes = fit_means(weight, codes, hessian, percdamp)
-        codes = fit_scales(weight, codes, hessian, percdamp)
+        codes, err = _fit_means(w, codes, h, percdamp, err)
+        codes, err = _fit_scales(w, codes, h, percdamp, err)
     return codes
 
 
@@ -411,11 +454,15 @@ def refine(
         raise ValueError(f"iters must be a non-negative int, got {iters!r}")
     w = weight.to(torch.float32)
     h = _check_hessian(hessian, w.shape[1])
-    errors = [layer_error(w, dequantize(codes), h)]
+    # Row errors are carried from step to step (each step returns its codes' errors), not
+    # recomputed: the same figures, about half the (out, in) x (in, in) products.
+    err = row_errors(w - dequantize(codes), h)
+    errors = [float(err.sum())]
     for _ in range(iters):
-        codes = fit_scales(w, fit_means(w, codes, h, percdamp), h, percdamp)
+        codes, err = _fit_means(w, codes, h, percdamp, err)
+        codes, err = _fit_scales(w, codes, h, percdamp, err)
         if codes_step:
-            codes = update_codes(w, codes, h, part, assign)
-        errors.append(layer_error(w, dequantize(codes), h))
+            codes, err = _update_codes(w, codes, h, part, assign, err)
+        errors.append(float(err.sum()))
     logger.debug("refine errors: %s", errors)
     return RefineResult(codes=codes, errors=tuple(errors))

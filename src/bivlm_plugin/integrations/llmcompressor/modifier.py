@@ -85,6 +85,7 @@ _SHARED_KNOBS = {
     "p_sal_candidates": "p_sal_candidates",
     "p_sal_candidates_vision": "p_sal_candidates",
     "bit_budget": "bit_budget",
+    "candidate_search": "candidate_search",
 }
 _LANGUAGE_KNOBS = {"p_sal", "p_sal_candidates"}
 _VISION_KNOBS = {"p_sal_vision", "p_sal_candidates_vision"}
@@ -133,6 +134,12 @@ class BiVLMModifier(Modifier):
         p_sal_candidates / bit_budget: per-layer salient share of language-model linears chosen
             by tr(R H R^T) under a storage-bit budget (a cap per layer, or with
             ``allocation: model`` the average over every quantized weight).
+        candidate_search: how a layer's shares within ``bit_budget`` are compared: ``full``
+            (each quantized in full, least final error), ``encoded`` or ``refined`` (compared on
+            the error of their closed-form or refined codes; only the winner is compensated:
+            one compensation per layer). ``BiVLMConfig.candidate_search``; with
+            ``allocation: layer`` only (the model-wide ledger needs every candidate's final
+            error).
         n_rings_candidates: inlier ring counts to choose from per layer (Bi-VLM only), with
             the salient shares; None keeps ``n_rings`` for every layer.
         allocation: ``layer`` (each layer takes its least-error candidate within
@@ -180,6 +187,7 @@ class BiVLMModifier(Modifier):
     p_sal_candidates: list[float] | None = None
     p_sal_candidates_vision: list[float] | None = None
     bit_budget: float | None = Field(default=None, gt=0.0)
+    candidate_search: Literal["full", "encoded", "refined"] = "full"
     n_rings_candidates: list[int] | None = None
     allocation: Literal["layer", "model"] = "layer"
     allocation_error: Literal["relative", "absolute"] = "relative"
@@ -224,6 +232,12 @@ class BiVLMModifier(Modifier):
             raise ValueError(
                 f"recipe field(s) {own} are used by method 'bivlm' only, not {self.method!r}; "
                 "remove them"
+            )
+        if self.allocation == "model" and self.candidate_search != "full":
+            raise ValueError(
+                f"candidate_search: {self.candidate_search} compares a layer's shares on a cheap "
+                "error and finishes only the winner, but allocation: model needs every "
+                "candidate's final error; use candidate_search: full (or allocation: layer)"
             )
         if self.fold_scales and self.col_scale:
             raise ValueError(

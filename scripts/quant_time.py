@@ -18,7 +18,10 @@ RECIPES = {
     "gptq_w2a16_g64": "recipes/gptq_w2a16_g64.yaml",
     "bivlm_lm_w1": "recipes/bivlm_lm_w1.yaml",
     "bivlm_lm_w2": "recipes/bivlm_lm_w2.yaml",
+    "bivlm_lm_w3": "recipes/bivlm_lm_w3.yaml",
 }
+# P1's rows calibrate in float32 (RESULTS section 9); the timings use the same dtype.
+CALIBRATION_DTYPE = "float32"
 
 
 def main(model_dir: str, out: str, n_windows: int | None = None) -> None:
@@ -30,12 +33,17 @@ def main(model_dir: str, out: str, n_windows: int | None = None) -> None:
         for name, recipe in RECIPES.items():
             start = time.perf_counter()
             report = quantize_model(
-                model_dir, recipe, Path(tmp) / name, num_calibration_samples=n_windows
+                model_dir,
+                recipe,
+                Path(tmp) / name,
+                num_calibration_samples=n_windows,
+                calibration_dtype=CALIBRATION_DTYPE,
             )
             seconds[name] = {"oneshot_s": report["seconds"], "total_s": time.perf_counter() - start}
     base = seconds["gptq_w2a16_g64"]["oneshot_s"]
     result = {
         "windows": n_windows or "P1 default",
+        "calibration_dtype": CALIBRATION_DTYPE,
         "seconds": seconds,
         "ratio_vs_gptq_w2": {k: v["oneshot_s"] / base for k, v in seconds.items()},
         "command": " ".join(

@@ -17,8 +17,8 @@ Pipeline for one (out, in) weight W and Hessian H (or None):
    Hessians are often rank-deficient.
 4. With ``p_sal_candidates``: every candidate within ``bit_budget`` storage bits is run and the
    one of least tr(R H R^T) (Frobenius error without H) is kept; with ``candidate_search``
-   ``"encoded"`` / ``"refined"`` the candidates are compared on the error after step 1 / 2
-   and only the winner goes on (one compensation per layer instead of one per share).
+   ``"encoded"`` / ``"refined"`` the candidates are compared on the error after step 1 / the
+   first refinement iteration and only the winner goes on (one compensation per layer instead of one per share).
 
 With ``col_scale`` the layer also stores one fp16 scale per input column c, W_hat = Q * c (Q the
 row-wise codes above). It is a change of variables: steps 1-4 run on W' = W diag(1/c) with
@@ -123,8 +123,9 @@ class BiVLMConfig:
             runs the whole pipeline and the least final error wins. ``"encoded"``: each is
             scored by the error of its closed-form codes (a partition and one encode, no
             refinement or compensation) and only the winner runs the rest; ``"refined"``:
-            scored after refinement, only the winner is compensated. The cheap searches cost
-            about one candidate instead of one per fitting share.
+            scored after the first refinement iteration, the winner goes on from there. Either
+            way the winner's codes are exactly the full pipeline's at its share, and only one
+            candidate per layer is compensated.
         fp16_params: round scales and means to fp16 as they are stored.
         col_scale: also store one fp16 scale per input column (16 / out extra storage bits
             per weight; see the module docstring). Not in the packed format yet.
@@ -336,22 +337,29 @@ def _encode_candidate(
 
 
 def _refine_candidate(
-    w: torch.Tensor, h: torch.Tensor | None, enc: _Encoded, config: BiVLMConfig
+    w: torch.Tensor,
+    h: torch.Tensor | None,
+    enc: _Encoded,
+    config: BiVLMConfig,
+    iters: int | None = None,
 ) -> _Encoded:
-    """ARB / ARB-X refinement of an encoded candidate (``config.refine_iters`` iterations)."""
-    if not config.refine_iters:
+    """ARB / ARB-X refinement of an encoded candidate: ``iters`` more iterations (default
+    ``config.refine_iters``). Refinement is a deterministic loop on the codes, so k iterations
+    then m more are exactly k + m iterations; ``refine_errors`` holds the whole history."""
+    iters = config.refine_iters if iters is None else iters
+    if not iters:
         return enc
     res = refine(
         w,
         enc.codes,
         h if config.refine_weighted else None,
-        config.refine_iters,
+        iters,
         part=enc.part,
         assign=config.assign,
         percdamp=config.percdamp,
     )
-    info = {**enc.info, "refine_errors": res.errors}
-    return dataclasses.replace(enc, codes=res.codes, info=info)
+    errors = enc.info.get("refine_errors", ())[:-1] + res.errors
+    return dataclasses.replace(enc, codes=res.codes, info={**enc.info, "refine_errors": errors})
 
 
 def _finish_candidate(
@@ -478,15 +486,16 @@ def _search_cheaply(
     """The candidate of least proxy error, then the rest of the pipeline on it alone.
 
     The proxy is tr(R H R^T) (Frobenius without H) of the closed-form codes
-    (``candidate_search="encoded"``) or of the refined ones (``"refined"``); shares in
-    ``fits`` are already within the budget. Returns the finished winner and every proxy error.
+    (``candidate_search="encoded"``) or of the codes after one refinement iteration
+    (``"refined"``; the winner goes on from there); shares in ``fits`` are already within the
+    budget. Returns the finished winner and every proxy error.
     """
-    if config.candidate_search == "refined":
-        fits = [_refine_candidate(prob.w, prob.h, e, config) for e in fits]
+    first = min(config.refine_iters, 1) if config.candidate_search == "refined" else 0
+    if first:
+        fits = [_refine_candidate(prob.w, prob.h, e, config, first) for e in fits]
     proxy = {e.p_sal: layer_error(prob.w, dequantize(e.codes), prob.h) for e in fits}
     best = min(fits, key=lambda e: proxy[e.p_sal])
-    if config.candidate_search == "encoded":
-        best = _refine_candidate(prob.w, prob.h, best, config)
+    best = _refine_candidate(prob.w, prob.h, best, config, config.refine_iters - first)
     done = _finish_candidate(prob.w, prob.h, prob.hinv, prob.dead, best, config, prob.order)
     return _with_col_scale(prob, done, config), proxy
 

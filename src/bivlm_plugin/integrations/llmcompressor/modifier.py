@@ -136,7 +136,7 @@ class BiVLMModifier(Modifier):
             ``allocation: model`` the average over every quantized weight).
         candidate_search: how a layer's shares within ``bit_budget`` are compared: ``full``
             (each quantized in full, least final error), ``encoded`` or ``refined`` (compared on
-            the error of their closed-form or refined codes; only the winner is compensated:
+            the error of their closed-form or once-refined codes; only the winner is compensated:
             one compensation per layer). ``BiVLMConfig.candidate_search``; with
             ``allocation: layer`` only (the model-wide ledger needs every candidate's final
             error).

@@ -18,7 +18,8 @@ Pipeline for one (out, in) weight W and Hessian H (or None):
 4. With ``p_sal_candidates``: every candidate within ``bit_budget`` storage bits is run and the
    one of least tr(R H R^T) (Frobenius error without H) is kept; with ``candidate_search``
    ``"encoded"`` / ``"refined"`` the candidates are compared on the error after step 1 / the
-   first refinement iteration and only the winner goes on (one compensation per layer instead of one per share).
+   first refinement iteration and only the winner goes on (one compensation per layer
+   instead of one per share).
 
 With ``col_scale`` the layer also stores one fp16 scale per input column c, W_hat = Q * c (Q the
 row-wise codes above). It is a change of variables: steps 1-4 run on W' = W diag(1/c) with

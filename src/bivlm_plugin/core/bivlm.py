@@ -320,14 +320,10 @@ class _Encoded:
 
 
 def _encode_candidate(
-    w: torch.Tensor,
-    hinv: torch.Tensor | None,
-    dead: torch.Tensor | None,
-    p_sal: float,
-    config: BiVLMConfig,
+    w: torch.Tensor, score: torch.Tensor, p_sal: float, config: BiVLMConfig
 ) -> _Encoded:
-    """Partition at salient share ``p_sal`` and the closed-form codes (``binarize.encode``)."""
-    score = _saliency(w, hinv, config, dead)
+    """Partition at salient share ``p_sal`` (salient by ``score``, ``_saliency``: the same for
+    every share) and the closed-form codes (``binarize.encode``)."""
     part = partition(w, p_sal, config.n_rings, config.stats, config.salient_select, score)
     codes = encode(w, part, config.scale_mode, config.mean_mode)
     # Bits depend only on the shape and the salient positions, fixed from here on.
@@ -395,23 +391,6 @@ def _finish_candidate(
     return _Candidate(p_sal=enc.p_sal, codes=codes, bits=enc.bits, error=error, info=info)
 
 
-def _run_candidate(
-    w: torch.Tensor,
-    h: torch.Tensor | None,
-    hinv: torch.Tensor | None,
-    dead: torch.Tensor | None,
-    p_sal: float,
-    config: BiVLMConfig,
-    bit_budget: float | None,
-    order: tuple[torch.Tensor, torch.Tensor] | None = None,
-) -> _Candidate | BitCount:
-    """One full pipeline at salient share ``p_sal``; returns the bit count alone if over budget."""
-    enc = _encode_candidate(w, hinv, dead, p_sal, config)
-    if bit_budget is not None and enc.bits.storage_bits > bit_budget:
-        return enc.bits
-    return _finish_candidate(w, h, hinv, dead, _refine_candidate(w, h, enc, config), config, order)
-
-
 @dataclass(frozen=True)
 class _Problem:
     """One layer as the pipeline sees it.
@@ -473,12 +452,18 @@ def _with_col_scale(prob: _Problem, out: _Candidate, config: BiVLMConfig) -> _Ca
     return _Candidate(p_sal=out.p_sal, codes=codes, bits=out.bits, error=error, info=info)
 
 
-def _candidate(prob: _Problem, p_sal: float, config: BiVLMConfig, bit_budget: float | None):
-    """``_run_candidate`` on the problem, mapped back to the layer's own weight."""
-    out = _run_candidate(
-        prob.w, prob.h, prob.hinv, prob.dead, p_sal, config, bit_budget, prob.order
-    )
-    return out if isinstance(out, BitCount) else _with_col_scale(prob, out, config)
+def _encode_all(prob: _Problem, shares: tuple[float, ...], config: BiVLMConfig) -> list[_Encoded]:
+    """Every share's partition and closed-form codes on the problem, in ``shares`` order."""
+    score = _saliency(prob.w, prob.hinv, config, prob.dead)
+    return [_encode_candidate(prob.w, score, p, config) for p in shares]
+
+
+def _finish(prob: _Problem, enc: _Encoded, config: BiVLMConfig, refined: int = 0) -> _Candidate:
+    """The rest of the pipeline on an encoded candidate (``refined`` refinement iterations
+    already done), mapped back to the layer's own weight."""
+    enc = _refine_candidate(prob.w, prob.h, enc, config, config.refine_iters - refined)
+    done = _finish_candidate(prob.w, prob.h, prob.hinv, prob.dead, enc, config, prob.order)
+    return _with_col_scale(prob, done, config)
 
 
 def _search_cheaply(
@@ -496,9 +481,7 @@ def _search_cheaply(
         fits = [_refine_candidate(prob.w, prob.h, e, config, first) for e in fits]
     proxy = {e.p_sal: layer_error(prob.w, dequantize(e.codes), prob.h) for e in fits}
     best = min(fits, key=lambda e: proxy[e.p_sal])
-    best = _refine_candidate(prob.w, prob.h, best, config, config.refine_iters - first)
-    done = _finish_candidate(prob.w, prob.h, prob.hinv, prob.dead, best, config, prob.order)
-    return _with_col_scale(prob, done, config), proxy
+    return _finish(prob, best, config, first), proxy
 
 
 def _result(w: torch.Tensor, h: torch.Tensor | None, best: _Candidate, extra: dict) -> QuantResult:
@@ -545,9 +528,8 @@ def bivlm_options(
     out = []
     for r in rings:
         cfg = config if r == config.n_rings else dataclasses.replace(config, n_rings=r)
-        for p in config.p_sal_candidates or (config.p_sal,):
-            cand = _candidate(prob, p, cfg, None)
-            out.append(_result(prob.w0, prob.h0, cand, {}))
+        for enc in _encode_all(prob, config.p_sal_candidates or (config.p_sal,), cfg):
+            out.append(_result(prob.w0, prob.h0, _finish(prob, enc, cfg), {}))
     return out
 
 
@@ -578,25 +560,17 @@ def quantize_bivlm(
     runs: list[_Candidate] = []
     over: list[tuple[float, BitCount]] = []
     proxy: dict[float, float] | None = None
+    fits: list[_Encoded] = []
+    for enc in _encode_all(prob, candidates, config):
+        if config.bit_budget is not None and enc.bits.storage_bits > config.bit_budget:
+            over.append((enc.p_sal, enc.bits))
+        else:
+            fits.append(enc)
     if config.candidate_search == "full" or len(candidates) == 1:
-        for p in candidates:
-            out = _candidate(prob, p, config, config.bit_budget)
-            if isinstance(out, BitCount):
-                over.append((float(p), out))
-            else:
-                runs.append(out)
-    else:
-        fits = []
-        for p in candidates:
-            enc = _encode_candidate(prob.w, prob.hinv, prob.dead, p, config)
-            if config.bit_budget is not None and enc.bits.storage_bits > config.bit_budget:
-                over.append((float(p), enc.bits))
-            else:
-                fits.append(enc)
-        if fits:
-            best_run, proxy = _search_cheaply(prob, fits, config)
-            runs.append(best_run)
-            proxy_bits = {e.p_sal: e.bits.storage_bits for e in fits}
+        runs = [_finish(prob, enc, config) for enc in fits]
+    elif fits:
+        best_run, proxy = _search_cheaply(prob, fits, config)
+        runs.append(best_run)
     if not runs:
         best_p, best_bits = min(over, key=lambda pb: pb[1].storage_bits)
         raise ValueError(
@@ -609,7 +583,10 @@ def quantize_bivlm(
     if proxy is None:
         searched = {c.p_sal: {"storage_bits": c.bits.storage_bits, "error": c.error} for c in runs}
     else:  # only the winner has a final error; every fitting share has its proxy error
-        searched = {p: {"storage_bits": proxy_bits[p], "proxy_error": e} for p, e in proxy.items()}
+        searched = {
+            e.p_sal: {"storage_bits": e.bits.storage_bits, "proxy_error": proxy[e.p_sal]}
+            for e in fits
+        }
         searched[best.p_sal]["error"] = best.error
     extra = {
         "candidates": searched,

@@ -361,12 +361,16 @@ def test_model_wide_allocation_mixes_layouts_and_serves_packed(
     assert from_files - summary["storage_bits"] <= 7 / 64 + 1e-9
 
 
-@pytest.mark.parametrize("currency", ["relative", "absolute"])
+@pytest.mark.parametrize(
+    ("currency", "search"),
+    [("relative", "full"), ("absolute", "full"), ("absolute", "refined")],
+)
 def test_model_wide_allocation_trades_the_chosen_error_against_bits(
-    currency, tiny_llama_dir, tiny_tokenizer
+    currency, search, tiny_llama_dir, tiny_tokenizer
 ) -> None:
     """allocation_error picks the error the ledger minimizes: each decoder layer's choice is
-    core.allocate's on the recorded options with that error, under the budget left then."""
+    core.allocate's on the recorded options with that error, under the budget left then.
+    With candidate_search: refined the options carry proxy errors and the model still fits."""
     from transformers import AutoModelForCausalLM
 
     from bivlm_plugin.core.allocate import allocate
@@ -374,19 +378,23 @@ def test_model_wide_allocation_trades_the_chosen_error_against_bits(
 
     model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32)
     recipe = ALLOCATION_RECIPE.replace("bit_budget: 2.6", "bit_budget: 2.3") + (
-        f"      allocation_error: {currency}\n"
+        f"      allocation_error: {currency}\n      candidate_search: {search}\n"
     )
     oneshot_on_random_tokens(model, tiny_tokenizer, recipe, 300)
     summary = _modifier().summary()
     assert summary["allocation"] == {"mode": "model", "bit_budget": 2.3, "error": currency}
+    assert summary["storage_bits"] <= 2.3 + 1e-9
     groups: dict[str, list[dict]] = {}
     for lay in summary["layers"]:
         groups.setdefault(lay["name"].split(".self_attn")[0].split(".mlp")[0], []).append(lay)
-    key = "relative_error" if currency == "relative" else "error"
-    other = "error" if currency == "relative" else "relative_error"
+    label = "error" if search == "full" else "proxy_error"
+    key = f"relative_{label}" if currency == "relative" else label
+    other = label if currency == "relative" else f"relative_{label}"
     differs = False
     for layers in groups.values():
         opts = [lay["info"]["allocation"]["options"] for lay in layers]
+        assert all(lay["info"]["allocation"]["compared_on"] == label for lay in layers)
+        assert all(lay["info"]["candidate_search"] == search for lay in layers)
         sizes = [lay["shape"][0] * lay["shape"][1] for lay in layers]
         left = layers[0]["info"]["allocation"]["budget_left_per_weight"]
         want = allocate(

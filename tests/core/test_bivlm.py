@@ -158,6 +158,46 @@ def test_cheap_search_finishes_only_the_winner(monkeypatch, search: str) -> None
     assert info["p_sal"] == full.info["p_sal"] == 0.01
 
 
+@pytest.mark.parametrize("search", ["encoded", "refined"])
+def test_layer_candidates_score_cheaply_and_finish_the_full_pipeline(search) -> None:
+    """bivlm_candidates (what a model-wide allocation calls): with a cheap search every
+    (share, rings) option carries quantize_bivlm's proxy error, and finishing one gives
+    exactly quantize_bivlm's result at that share and ring count; with the full search the
+    options are bivlm_options' final errors."""
+    from bivlm_plugin.core.bivlm import bivlm_candidates, bivlm_options
+
+    torch.manual_seed(8)
+    w = torch.distributions.Laplace(0.0, 1.0).sample((16, 384))
+    h = _correlated_hessian(384, 8, tokens=768)
+    base = dict(p_sal_candidates=(0.0, 0.01, 0.03), refine_iters=2, act_order=True)
+    cands = bivlm_candidates(w, h, BiVLMConfig(**base, candidate_search=search), (1, 2))
+    assert cands.keys == tuple((p, r) for r in (1, 2) for p in (0.0, 0.01, 0.03))
+    assert cands.search == search
+    ref = float(torch.einsum("ij,jk,ik->", w, h, w))
+    for (p, r), (bits, err, rel) in zip(cands.keys, cands.options, strict=True):
+        single = BiVLMConfig(**base, n_rings=r, candidate_search=search)
+        one = quantize_bivlm(w, h, single)  # the same shares' proxies at this ring count
+        assert err == pytest.approx(one.info["candidates"][p]["proxy_error"], rel=1e-6)
+        assert one.info["candidates"][p]["storage_bits"] == bits
+        assert rel == pytest.approx(err / ref, rel=1e-4)
+    for i in (1, 5):
+        p, r = cands.keys[i]
+        got = cands.finish(i)
+        fixed = {**base, "p_sal_candidates": None}
+        want = quantize_bivlm(w, h, BiVLMConfig(**fixed, p_sal=p, n_rings=r))
+        assert torch.equal(got.w_hat, want.w_hat) and got.error == want.error
+        assert got.info["candidate_search"] == search and got.bits == want.bits
+    with pytest.raises(IndexError):
+        cands.finish(6)
+
+    full = bivlm_candidates(w, h, BiVLMConfig(**base), (1, 2))
+    opts = bivlm_options(w, h, BiVLMConfig(**base), (1, 2))
+    assert [o[1] for o in full.options] == [r.error for r in opts]
+    assert torch.equal(full.finish(4).w_hat, opts[4].w_hat)
+    # The cheap proxies are pre-compensation errors: never below the finished ones here.
+    assert all(c[1] >= f[1] for c, f in zip(cands.options, full.options, strict=True))
+
+
 def test_cheap_search_still_names_the_smallest_achievable_budget() -> None:
     w = torch.randn(8, 576)
     cfg = BiVLMConfig(p_sal_candidates=(0.0, 0.01), bit_budget=1.0, candidate_search="encoded")

@@ -92,15 +92,6 @@ def test_bad_method_args_name_the_fields() -> None:
             r"\['candidate_search'\] are not used",
         ),
         ({"candidate_search": "cheap"}, "candidate_search"),
-        (
-            {
-                "allocation": "model",
-                "bit_budget": 1.3,
-                "p_sal_candidates": [0.0, 0.01],
-                "candidate_search": "encoded",
-            },
-            "allocation: model needs every candidate's final error",
-        ),
         ({"method": "billm", "block_size": 64, "method_args": {"block_size": 32}}, "set each once"),
         (
             {"method": "billm", "allocation": "model"},

@@ -62,7 +62,14 @@ from .partition import SALIENT_SELECT_MODES, STATS_MODES, partition, row_stats, 
 from .refine import layer_error, refine, refit
 from .types import BitCount, QuantResult, register_method
 
-__all__ = ["BiVLMConfig", "SALIENT_METRICS", "bivlm_options", "quantize_bivlm"]
+__all__ = [
+    "BiVLMConfig",
+    "LayerCandidates",
+    "SALIENT_METRICS",
+    "bivlm_candidates",
+    "bivlm_options",
+    "quantize_bivlm",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -504,6 +511,84 @@ def _result(w: torch.Tensor, h: torch.Tensor | None, best: _Candidate, extra: di
     )
 
 
+@dataclass(frozen=True)
+class LayerCandidates:
+    """One layer's candidates for an allocator (``core.allocate``): their bits and errors now,
+    any one of them finished on request.
+
+    ``options[i]`` is ``(storage_bits, error, relative_error)`` of candidate ``i`` (shares in
+    the inner loop, ring counts in the outer one; ``keys[i]`` is its ``(p_sal, n_rings)``).
+    With ``candidate_search="full"`` the errors are the finished candidates' tr(R H R^T)
+    (Frobenius without H) and ``finish`` returns the stored result; with ``"encoded"`` /
+    ``"refined"`` they are the proxy errors of ``quantize_bivlm``'s cheap search and only the
+    candidate ``finish`` is called on runs the rest of the pipeline (its codes are exactly
+    ``quantize_bivlm``'s at that share and ring count). ``relative_error`` is the error over
+    tr(W H W^T).
+
+    Until finished, a cheap search holds the layer's Hessian factors and every candidate's
+    codes (an (in, in) inverse factor, twice with ``act_order``).
+    """
+
+    keys: tuple[tuple[float, int], ...]
+    options: tuple[tuple[float, float, float], ...]
+    search: str
+    _finish: Any = dataclasses.field(repr=False)
+
+    def finish(self, index: int) -> QuantResult:
+        """Candidate ``index`` run to the end: its ``QuantResult`` (``info["candidate_search"]``
+        names how it was compared)."""
+        if not 0 <= index < len(self.options):
+            raise IndexError(f"candidate {index} of {len(self.options)}")
+        return self._finish(index)
+
+
+def bivlm_candidates(
+    weight: torch.Tensor,
+    hessian: torch.Tensor | None,
+    config: BiVLMConfig | None = None,
+    n_rings_options: tuple[int, ...] | None = None,
+) -> LayerCandidates:
+    """Every candidate of one layer (per salient share and ring count), compared as
+    ``config.candidate_search`` says; ``config.bit_budget`` is not applied (the caller
+    allocates). See ``LayerCandidates``."""
+    config, prob = _prepare(weight, hessian, config)
+    rings = tuple(n_rings_options) if n_rings_options else (config.n_rings,)
+    for r in rings:
+        _int_at_least("n_rings_options[...]", r, 1)
+    ref = layer_error(prob.w0, torch.zeros_like(prob.w0), prob.h0)
+    cheap = config.candidate_search != "full"
+    first = min(config.refine_iters, 1) if config.candidate_search == "refined" else 0
+    staged: list[tuple[BiVLMConfig, _Encoded]] = []
+    done: list[QuantResult] = []
+    errors: list[float] = []
+    bits: list[float] = []
+    for r in rings:
+        cfg = config if r == config.n_rings else dataclasses.replace(config, n_rings=r)
+        for enc in _encode_all(prob, config.p_sal_candidates or (config.p_sal,), cfg):
+            if cheap:
+                enc = _refine_candidate(prob.w, prob.h, enc, cfg, first)
+                staged.append((cfg, enc))
+                errors.append(layer_error(prob.w, dequantize(enc.codes), prob.h))
+            else:
+                # Keep the codes, not the dense weights (a 7B MLP's are 180 MB each).
+                res = _result(prob.w0, prob.h0, _finish(prob, enc, cfg), {})
+                done.append(dataclasses.replace(res, w_hat=None))
+                errors.append(res.error if res.error is not None else res.info["frobenius_error"])
+            bits.append(enc.bits.storage_bits)
+    keys = tuple((float(p), r) for r in rings for p in (config.p_sal_candidates or (config.p_sal,)))
+    options = tuple((b, e, e / ref if ref > 0 else 0.0) for b, e in zip(bits, errors, strict=True))
+
+    def finish(i: int) -> QuantResult:
+        extra = {"candidate_search": config.candidate_search}
+        if not cheap:
+            res = done[i]
+            return dataclasses.replace(res, w_hat=dequantize(res.codes), info={**res.info, **extra})
+        cfg, enc = staged[i]
+        return _result(prob.w0, prob.h0, _finish(prob, enc, cfg, first), extra)
+
+    return LayerCandidates(keys, options, config.candidate_search, finish)
+
+
 def bivlm_options(
     weight: torch.Tensor,
     hessian: torch.Tensor | None,
@@ -521,16 +606,11 @@ def bivlm_options(
     Returns:
         ``QuantResult`` per candidate, shares in the inner loop, ring counts in the outer one.
     """
-    config, prob = _prepare(weight, hessian, config)
-    rings = tuple(n_rings_options) if n_rings_options else (config.n_rings,)
-    for r in rings:
-        _int_at_least("n_rings_options[...]", r, 1)
-    out = []
-    for r in rings:
-        cfg = config if r == config.n_rings else dataclasses.replace(config, n_rings=r)
-        for enc in _encode_all(prob, config.p_sal_candidates or (config.p_sal,), cfg):
-            out.append(_result(prob.w0, prob.h0, _finish(prob, enc, cfg), {}))
-    return out
+    config = BiVLMConfig() if config is None else config
+    if isinstance(config, BiVLMConfig):
+        config = dataclasses.replace(config, candidate_search="full")
+    cands = bivlm_candidates(weight, hessian, config, n_rings_options)
+    return [cands.finish(i) for i in range(len(cands.options))]
 
 
 @register_method("bivlm", BiVLMConfig)

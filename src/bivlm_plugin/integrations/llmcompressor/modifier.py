@@ -42,7 +42,7 @@ from bivlm_plugin.core import methods
 from bivlm_plugin.core.allocate import BitLedger
 from bivlm_plugin.core.binarize import dequantize
 from bivlm_plugin.core.bits import ring_index_bits
-from bivlm_plugin.core.bivlm import bivlm_options
+from bivlm_plugin.core.bivlm import bivlm_candidates
 from bivlm_plugin.core.hessian import HessianAccumulator
 from bivlm_plugin.core.types import QuantResult, get_method
 from bivlm_plugin.integrations.llmcompressor.fold import FoldGroup, resolve_fold_groups
@@ -137,9 +137,9 @@ class BiVLMModifier(Modifier):
         candidate_search: how a layer's shares within ``bit_budget`` are compared: ``full``
             (each quantized in full, least final error), ``encoded`` or ``refined`` (compared on
             the error of their closed-form or once-refined codes; only the winner is compensated:
-            one compensation per layer). ``BiVLMConfig.candidate_search``; with
-            ``allocation: layer`` only (the model-wide ledger needs every candidate's final
-            error).
+            one compensation per layer). ``BiVLMConfig.candidate_search``. With
+            ``allocation: model`` the ledger then trades those proxy errors against bits and
+            only the chosen candidate of each layer is finished.
         n_rings_candidates: inlier ring counts to choose from per layer (Bi-VLM only), with
             the salient shares; None keeps ``n_rings`` for every layer.
         allocation: ``layer`` (each layer takes its least-error candidate within
@@ -232,12 +232,6 @@ class BiVLMModifier(Modifier):
             raise ValueError(
                 f"recipe field(s) {own} are used by method 'bivlm' only, not {self.method!r}; "
                 "remove them"
-            )
-        if self.allocation == "model" and self.candidate_search != "full":
-            raise ValueError(
-                f"candidate_search: {self.candidate_search} compares a layer's shares on a cheap "
-                "error and finishes only the winner, but allocation: model needs every "
-                "candidate's final error; use candidate_search: full (or allocation: layer)"
             )
         if self.fold_scales and self.col_scale:
             raise ValueError(
@@ -530,9 +524,9 @@ class BiVLMModifier(Modifier):
         if self._ledger is not None:
             self._ledger.charge(result.bits.storage_bits, weight.numel())
 
-    def _options(self, weight: torch.Tensor, hessian: torch.Tensor, part: str) -> list:
+    def _options(self, weight: torch.Tensor, hessian: torch.Tensor, part: str) -> Any:
         config = dataclasses.replace(self.layer_config(part), bit_budget=None)
-        return bivlm_options(weight.float(), hessian, config, self._rings())
+        return bivlm_candidates(weight.float(), hessian, config, self._rings())
 
     def _rings(self) -> tuple[int, ...]:
         return tuple(self.n_rings_candidates or (self.n_rings,))
@@ -540,24 +534,23 @@ class BiVLMModifier(Modifier):
     def _least_error_within_cap(
         self, weight: torch.Tensor, hessian: torch.Tensor, part: str
     ) -> QuantResult:
-        options = self._options(weight, hessian, part)
+        cands = self._options(weight, hessian, part)
         cap = self.layer_config(part).bit_budget
-        fits = [r for r in options if cap is None or r.bits.storage_bits <= cap]
+        fits = [i for i, (b, _, _) in enumerate(cands.options) if cap is None or b <= cap]
         if not fits:
-            cheapest = min(options, key=lambda r: r.bits.storage_bits)
+            cheapest = min(b for b, _, _ in cands.options)
             raise ValueError(
                 f"no candidate (salient shares x n_rings_candidates {list(self._rings())}) fits "
-                f"bit_budget={cap}; the smallest achievable is "
-                f"{cheapest.bits.storage_bits:.4f} bits. Raise bit_budget or add smaller "
-                "candidates"
+                f"bit_budget={cap}; the smallest achievable is {cheapest:.4f} bits. Raise "
+                "bit_budget or add smaller candidates"
             )
-        return min(
-            fits, key=lambda r: r.error if r.error is not None else r.info["frobenius_error"]
-        )
+        return cands.finish(min(fits, key=lambda i: cands.options[i][1]))
 
     @torch.no_grad()
     def _quantize_group(self, modules: list[torch.nn.Module]) -> None:
-        """Model-wide allocation: every candidate of every module, then the ledger's choice."""
+        """Model-wide allocation: every candidate of every module (finished, or with
+        ``candidate_search: encoded / refined`` only scored), the ledger's choice, then the
+        chosen candidates finished."""
         assert self._ledger is not None
         start = time.perf_counter()
         tables, sizes = [], []
@@ -565,47 +558,40 @@ class BiVLMModifier(Modifier):
             name, part = self._modules[module]
             hessian = self._take_hessian(module)
             try:
-                options = self._options(module.weight.data, hessian, part)
+                tables.append(self._options(module.weight.data, hessian, part))
             except ValueError as exc:
                 raise ValueError(f"{name} ({part}, {tuple(module.weight.shape)}): {exc}") from exc
-            # Keep the codes, not the dense candidates (a 7B MLP's are 180 MB each).
-            tables.append([dataclasses.replace(r, w_hat=None) for r in options])
             sizes.append(module.weight.numel())
         left = self._ledger.left_per_weight
-
-        def cost(r: QuantResult) -> float:
-            return float(
-                r.info["relative_error"] if self.allocation_error == "relative" else r.error
-            )
-
+        col = 2 if self.allocation_error == "relative" else 1
         choice = self._ledger.allocate_group(
-            [[(r.bits.storage_bits, cost(r)) for r in opts] for opts in tables], sizes
+            [[(o[0], o[col]) for o in cands.options] for cands in tables], sizes
         )
+        results = [cands.finish(c) for cands, c in zip(tables, choice, strict=True)]
         seconds = (time.perf_counter() - start) / len(modules)
-        for module, opts, c in zip(modules, tables, choice, strict=True):
-            chosen = opts[c]
-            info = dict(chosen.info)
+        for module, cands, result in zip(modules, tables, results, strict=True):
+            label = "error" if cands.search == "full" else "proxy_error"
+            info = dict(result.info)
             info["allocation"] = {
                 "budget_left_per_weight": left,
+                "compared_on": label,
                 "options": [
                     {
-                        "p_sal": r.info["p_sal"],
-                        "n_rings": r.info["n_rings"],
-                        "storage_bits": r.bits.storage_bits,
-                        "relative_error": r.info["relative_error"],
-                        "error": r.error,
+                        "p_sal": p,
+                        "n_rings": r,
+                        "storage_bits": b,
+                        f"relative_{label}": rel,
+                        label: err,
                     }
-                    for r in opts
+                    for (p, r), (b, err, rel) in zip(cands.keys, cands.options, strict=True)
                 ],
             }
-            result = dataclasses.replace(chosen, w_hat=dequantize(chosen.codes), info=info)
-            self._apply(module, result, seconds)
+            self._apply(module, dataclasses.replace(result, info=info), seconds)
         logger.info(
             "bit ledger: group of %d layers at %.3f bits per weight (left %.3f); model so far "
             "%.3f of %.3f",
             len(modules),
-            sum(tables[i][c].bits.storage_bits * sizes[i] for i, c in enumerate(choice))
-            / sum(sizes),
+            sum(r.bits.storage_bits * n for r, n in zip(results, sizes, strict=True)) / sum(sizes),
             left,
             self._ledger.average_bits,
             self._ledger.budget_bits,

@@ -1,0 +1,1 @@
+bash scripts/p1_run.sh w2_alloc_ref_c2 recipes/bivlm_lm_w2.yaml --set allocation=model --set allocation_error=absolute --set bit_budget=2.24 --set p_sal_candidates=[0.0,0.005,0.01,0.02] --set candidate_search=refined --calibration-offset 128 --calibration-dtype float32

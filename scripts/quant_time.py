@@ -41,9 +41,10 @@ def main(model_dir: str, out: str, n_windows: int | None = None) -> None:
             )
             seconds[name] = {
                 "oneshot_s": report["seconds"],
-                # Bi-VLM only: the modifier's own per-layer quantization, inside oneshot_s (the
-                # rest is llm-compressor's calibration / propagation passes and the folds).
+                # Bi-VLM only, inside oneshot_s: the modifier's per-layer quantization and
+                # fold_scales' passes; the rest is llm-compressor's calibration / propagation.
                 "layers_s": report.get("quantize_seconds"),
+                "fold_s": report.get("fold_seconds"),
                 "total_s": time.perf_counter() - start,
             }
     base = seconds["gptq_w2a16_g64"]["oneshot_s"]

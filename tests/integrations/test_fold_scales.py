@@ -212,3 +212,5 @@ def test_oneshot_with_fold_scales(tiny_tokenizer, tmp_path, kv_heads) -> None:
         q0.error * 0 + sum(records[n].error for n in q0.info["folded_scale"]["readers"]), rel=1e-6
     )
     assert all(c.col_scale is None for c in mod.codes.values())  # nothing stored per column
+    summary = mod.summary()  # the fold's own passes are timed apart from the layers'
+    assert summary["fold_seconds"] > 0 and summary["quantize_seconds"] > 0

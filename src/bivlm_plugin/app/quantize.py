@@ -461,6 +461,7 @@ def _merge(summaries: list[dict]) -> dict:
         "weight_bits": sum(s["weight_bits"] * s["n_weights"] for s in summaries) / n,
         "storage_bits": sum(s["storage_bits"] * s["n_weights"] for s in summaries) / n,
         "quantize_seconds": sum(s["quantize_seconds"] for s in summaries),
+        "fold_seconds": sum(s.get("fold_seconds", 0.0) for s in summaries),
         "layers": layers,
     }
 

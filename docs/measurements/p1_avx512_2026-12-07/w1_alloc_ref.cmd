@@ -1,0 +1,1 @@
+bash scripts/p1_run.sh w1_alloc_ref recipes/bivlm_lm_w1.yaml --set allocation=model --set allocation_error=absolute --set bit_budget=1.267 --set p_sal_candidates=[0.0,0.005,0.01,0.02] --set candidate_search=refined --calibration-dtype float32

@@ -1,0 +1,1 @@
+bash scripts/p1_run.sh w3_alloc_ref recipes/bivlm_lm_w3.yaml --set allocation=model --set allocation_error=absolute --set bit_budget=3.24 --set n_rings_candidates=[2,4,8] --set p_sal_candidates=[0.0,0.0025,0.005] --set candidate_search=refined --calibration-dtype float32

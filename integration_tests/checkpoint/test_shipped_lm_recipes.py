@@ -22,9 +22,9 @@ BUDGETS = {"bivlm_lm_w1.yaml": 1.3, "bivlm_lm_w2.yaml": 2.25, "bivlm_lm_w3.yaml"
 LOGIT_ATOL = 1e-4  # as test_packed_checkpoint: packed vs fake-quantized, float32
 
 
-# Opt-in (`-m slow`): about 5 minutes per recipe on the 2-core machine (measured 288 s for the
-# ~1-bit recipe with a P1 run sharing the cores): the fold's cheap pass and every candidate of
-# the salient-share search run the full refinement on the 1056-wide down_proj.
+# Opt-in (`-m slow`): 29 s for the three recipes on the idle 2-core machine (2026-12-07, with
+# the cheap salient-share search; 288 s for the ~1-bit recipe alone once, a P1 run sharing the
+# cores): the fold's cheap pass and the search run on the 1056-wide down_proj.
 @pytest.mark.slow
 @pytest.mark.parametrize("recipe", sorted(BUDGETS))
 def test_shipped_lm_recipe_packs_loads_and_keeps_its_budget(

@@ -483,12 +483,24 @@ def _search_cheaply(
     (``"refined"``; the winner goes on from there); shares in ``fits`` are already within the
     budget. Returns the finished winner and every proxy error.
     """
-    first = min(config.refine_iters, 1) if config.candidate_search == "refined" else 0
-    if first:
-        fits = [_refine_candidate(prob.w, prob.h, e, config, first) for e in fits]
-    proxy = {e.p_sal: layer_error(prob.w, dequantize(e.codes), prob.h) for e in fits}
-    best = min(fits, key=lambda e: proxy[e.p_sal])
-    return _finish(prob, best, config, first), proxy
+    first = _cheap_iters(config)
+    scored = [_score_cheaply(prob, e, config, first) for e in fits]
+    best = min(scored, key=lambda s: s[1])[0]
+    return _finish(prob, best, config, first), {e.p_sal: err for e, err in scored}
+
+
+def _cheap_iters(config: BiVLMConfig) -> int:
+    """Refinement iterations a cheap search runs before it compares candidates."""
+    return min(config.refine_iters, 1) if config.candidate_search == "refined" else 0
+
+
+def _score_cheaply(
+    prob: _Problem, enc: _Encoded, config: BiVLMConfig, iters: int
+) -> tuple[_Encoded, float]:
+    """``enc`` after ``iters`` refinement iterations and its proxy error tr(R H R^T)
+    (Frobenius without H) on the problem."""
+    enc = _refine_candidate(prob.w, prob.h, enc, config, iters)
+    return enc, layer_error(prob.w, dequantize(enc.codes), prob.h)
 
 
 def _result(w: torch.Tensor, h: torch.Tensor | None, best: _Candidate, extra: dict) -> QuantResult:
@@ -555,27 +567,28 @@ def bivlm_candidates(
     rings = tuple(n_rings_options) if n_rings_options else (config.n_rings,)
     for r in rings:
         _int_at_least("n_rings_options[...]", r, 1)
+    shares = config.p_sal_candidates or (config.p_sal,)
     ref = layer_error(prob.w0, torch.zeros_like(prob.w0), prob.h0)
     cheap = config.candidate_search != "full"
-    first = min(config.refine_iters, 1) if config.candidate_search == "refined" else 0
+    first = _cheap_iters(config)
     staged: list[tuple[BiVLMConfig, _Encoded]] = []
     done: list[QuantResult] = []
     errors: list[float] = []
     bits: list[float] = []
     for r in rings:
         cfg = config if r == config.n_rings else dataclasses.replace(config, n_rings=r)
-        for enc in _encode_all(prob, config.p_sal_candidates or (config.p_sal,), cfg):
+        for enc in _encode_all(prob, shares, cfg):
             if cheap:
-                enc = _refine_candidate(prob.w, prob.h, enc, cfg, first)
+                enc, err = _score_cheaply(prob, enc, cfg, first)
                 staged.append((cfg, enc))
-                errors.append(layer_error(prob.w, dequantize(enc.codes), prob.h))
+                errors.append(err)
             else:
                 # Keep the codes, not the dense weights (a 7B MLP's are 180 MB each).
                 res = _result(prob.w0, prob.h0, _finish(prob, enc, cfg), {})
                 done.append(dataclasses.replace(res, w_hat=None))
                 errors.append(res.error if res.error is not None else res.info["frobenius_error"])
             bits.append(enc.bits.storage_bits)
-    keys = tuple((float(p), r) for r in rings for p in (config.p_sal_candidates or (config.p_sal,)))
+    keys = tuple((float(p), r) for r in rings for p in shares)
     options = tuple((b, e, e / ref if ref > 0 else 0.0) for b, e in zip(bits, errors, strict=True))
 
     def finish(i: int) -> QuantResult:

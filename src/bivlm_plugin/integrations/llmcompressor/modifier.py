@@ -42,7 +42,7 @@ from bivlm_plugin.core import methods
 from bivlm_plugin.core.allocate import BitLedger
 from bivlm_plugin.core.binarize import dequantize
 from bivlm_plugin.core.bits import ring_index_bits
-from bivlm_plugin.core.bivlm import bivlm_candidates
+from bivlm_plugin.core.bivlm import LayerCandidates, bivlm_candidates
 from bivlm_plugin.core.hessian import HessianAccumulator
 from bivlm_plugin.core.types import QuantResult, get_method
 from bivlm_plugin.integrations.llmcompressor.fold import FoldGroup, resolve_fold_groups
@@ -529,7 +529,7 @@ class BiVLMModifier(Modifier):
         if self._ledger is not None:
             self._ledger.charge(result.bits.storage_bits, weight.numel())
 
-    def _options(self, weight: torch.Tensor, hessian: torch.Tensor, part: str) -> Any:
+    def _options(self, weight: torch.Tensor, hessian: torch.Tensor, part: str) -> LayerCandidates:
         config = dataclasses.replace(self.layer_config(part), bit_budget=None)
         return bivlm_candidates(weight.float(), hessian, config, self._rings())
 

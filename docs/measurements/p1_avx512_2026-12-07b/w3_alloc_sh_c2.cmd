@@ -1,0 +1,1 @@
+bash scripts/p1_run.sh w3_alloc_sh_c2 recipes/bivlm_lm_w3.yaml --set allocation=model --set allocation_error=absolute --set bit_budget=3.24 --set p_sal_candidates=[0.0,0.005,0.01,0.02] --calibration-dtype float32 --calibration-offset 128

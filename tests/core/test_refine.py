@@ -160,9 +160,10 @@ def test_bad_refine_inputs() -> None:
 
 @pytest.mark.parametrize(("scale_mode", "mean_mode"), [("row_ring", "row"), ("ring", "row_subset")])
 def test_carried_row_errors_equal_recomputed_ones(scale_mode: str, mean_mode: str) -> None:
-    """refine / refit carry each step's row errors to the next instead of recomputing them:
-    the carried figures equal recomputed ones after every step (rows that reject an update
-    included), and refine's codes equal the public steps run one by one."""
+    """refine / refit carry each step's row errors to the next instead of recomputing them (the
+    mean and scale steps from their normal equations): the carried figures equal recomputed
+    ones after every step to float32 accuracy (rows that reject an update included), and
+    refine's codes equal the public steps run one by one."""
     from bivlm_plugin.core.refine import _fit_means, _fit_scales, _update_codes, row_errors
 
     torch.manual_seed(9)
@@ -182,9 +183,10 @@ def test_carried_row_errors_equal_recomputed_ones(scale_mode: str, mean_mode: st
     for _ in range(3):
         for step in steps:
             codes, err = step(codes, err)
-            torch.testing.assert_close(err, row_errors(w - dequantize(codes), h), rtol=1e-9, atol=0)
+            # Both are float32-accumulated figures of the same quantity (about 1e-7 apart).
+            torch.testing.assert_close(err, row_errors(w - dequantize(codes), h), rtol=1e-5, atol=0)
         manual = update_codes(w, fit_scales(w, fit_means(w, manual, h, 0.01), h, 0.01), h, part)
     res = refine(w, encode(w, part, scale_mode, mean_mode), h, iters=3, part=part, percdamp=0.01)
     assert torch.equal(dequantize(res.codes), dequantize(manual))
     assert torch.equal(dequantize(res.codes), dequantize(codes))
-    assert res.errors[-1] == float(row_errors(w - dequantize(manual), h).sum())
+    assert res.errors[-1] == pytest.approx(float(row_errors(w - dequantize(manual), h).sum()), 1e-6)

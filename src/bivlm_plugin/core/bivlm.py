@@ -324,6 +324,9 @@ class _Encoded:
     codes: BinaryCodes
     bits: BitCount
     info: dict[str, Any]
+    # Row errors of ``codes`` under the refinement's metric, once refined (``refine`` goes on
+    # from them, and the cheap search scores by them).
+    row_err: torch.Tensor | None = None
 
 
 def _encode_candidate(
@@ -361,9 +364,11 @@ def _refine_candidate(
         part=enc.part,
         assign=config.assign,
         percdamp=config.percdamp,
+        row_err=enc.row_err,
     )
     errors = enc.info.get("refine_errors", ())[:-1] + res.errors
-    return dataclasses.replace(enc, codes=res.codes, info={**enc.info, "refine_errors": errors})
+    info = {**enc.info, "refine_errors": errors}
+    return dataclasses.replace(enc, codes=res.codes, info=info, row_err=res.row_errors)
 
 
 def _finish_candidate(
@@ -500,6 +505,8 @@ def _score_cheaply(
     """``enc`` after ``iters`` refinement iterations and its proxy error tr(R H R^T)
     (Frobenius without H) on the problem."""
     enc = _refine_candidate(prob.w, prob.h, enc, config, iters)
+    if enc.row_err is not None and (config.refine_weighted or prob.h is None):
+        return enc, float(enc.row_err.sum())  # the refinement's own tr(R H R^T)
     return enc, layer_error(prob.w, dequantize(enc.codes), prob.h)
 
 

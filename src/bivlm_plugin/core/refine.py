@@ -71,6 +71,8 @@ logger = logging.getLogger(__name__)
 # float32, so directions below about 1e-6 of the largest are rounding noise, and solving for them
 # gives huge, cancelling parameters (non-finite once rounded to fp16).
 _RCOND = 1e-6
+# Cap on floats gathered at once for the salient (k, k) blocks of H (c rows x k x k).
+_GATHER_CHUNK_ELEMS = 1 << 24
 
 
 @dataclass(frozen=True)
@@ -81,10 +83,14 @@ class RefineResult:
         codes: the refined ``BinaryCodes``.
         errors: (iters + 1) floats, errors[0] before the first iteration (tr(R H R^T), or
             ||R||_F^2 without a Hessian).
+        row_errors: (out,) float64 row errors of ``codes``, as the steps carry them (pass them
+            back as ``refine(..., row_err=)`` to go on: k iterations then m more are exactly
+            k + m).
     """
 
     codes: BinaryCodes
     errors: tuple[float, ...]
+    row_errors: torch.Tensor | None = None
 
 
 def _check_hessian(hessian: torch.Tensor | None, in_f: int) -> torch.Tensor | None:
@@ -151,6 +157,19 @@ def damp_hessian(hessian: torch.Tensor | None, percdamp: float = 0.0) -> torch.T
     return h
 
 
+def _damping(h: torch.Tensor | None, percdamp: float) -> float | None:
+    """lambda of ``damp_hessian`` (H + lambda I), or None where the fits go unweighted (no H,
+    or no positive diagonal)."""
+    if isinstance(percdamp, bool) or not 0.0 <= float(percdamp) < 1.0:
+        raise ValueError(f"percdamp must be in [0, 1), got {percdamp!r}")
+    if h is None:
+        return None
+    mean_diag = float(torch.diagonal(h).mean())
+    if not (math.isfinite(mean_diag) and mean_diag > 0.0):
+        return None
+    return float(percdamp) * mean_diag
+
+
 def _solve(gram: torch.Tensor, rhs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Minimum-norm solution of (batched) normal equations and the numerical rank of ``gram``.
 
@@ -160,36 +179,99 @@ def _solve(gram: torch.Tensor, rhs: torch.Tensor) -> tuple[torch.Tensor, torch.T
     return res.solution.squeeze(-1), res.rank
 
 
-def _normal_terms(
-    target: torch.Tensor, basis: torch.Tensor, hessian: torch.Tensor | None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-row V^T H V (out, P, P) and V^T H t (out, P), float64."""
-    hv = basis if hessian is None else torch.einsum("ij,ojp->oip", hessian, basis)
-    gram = torch.einsum("oip,oiq->opq", basis, hv).double()
-    rhs = torch.einsum("oip,oi->op", hv, target).double()
-    return gram, rhs
+@dataclass(frozen=True)
+class _System:
+    """Per-row normal equations of one group of parameters theta_r (P of them), float64.
 
-
-def _row_lstsq(
-    target: torch.Tensor, basis: torch.Tensor, hessian: torch.Tensor | None
-) -> torch.Tensor:
-    """argmin_theta (t_r - V_r theta_r)^T H (t_r - V_r theta_r) for every row; (out, P).
-
-    Rows whose weighted system is numerically singular where the unweighted one is not, or whose
-    weighted solution is not finite, take the unweighted solution.
+    ``gram`` / ``rhs``: V_r^T H V_r and V_r^T H t_r under the metric of the error (H = I without
+    a Hessian); ``gram0`` / ``rhs0``: the unweighted V_r^T V_r and V_r^T t_r. The damped system
+    is ``gram + lambda * gram0`` (V^T (H + lambda I) V), and the error of any theta_r relative
+    to another follows from ``gram`` and ``rhs`` alone (``_error_change``), so no step forms
+    W_hat H to check its update.
     """
-    sol, rank = _solve(*_normal_terms(target, basis, hessian))
-    if hessian is not None:
-        sol0, rank0 = _solve(*_normal_terms(target, basis, None))
-        bad = (rank < rank0) | ~torch.isfinite(sol).all(dim=1)
-        sol = torch.where(bad.unsqueeze(1), sol0, sol)
-    return sol.to(torch.float32)
+
+    gram: torch.Tensor  # (out, P, P)
+    rhs: torch.Tensor  # (out, P)
+    gram0: torch.Tensor
+    rhs0: torch.Tensor
+
+
+def _system(
+    target: torch.Tensor,
+    basis: torch.Tensor,
+    hessian: torch.Tensor | None,
+    n_dense: int,
+    salient_idx: torch.Tensor,
+) -> _System:
+    """``_System`` of (out, in, P) ``basis`` whose columns from ``n_dense`` on are zero outside
+    each row's salient positions ``salient_idx`` ((out, k), -1 pads).
+
+    H V is formed for the dense columns only, plus H t: one (out, in) x (in, in) product each;
+    the salient columns' terms are gathered from those and from the (k, k) blocks of H at each
+    row's salient positions, so a 1% salient share costs far less than a dense column.
+    """
+    gram0 = torch.einsum("oip,oiq->opq", basis, basis).double()
+    rhs0 = torch.einsum("oip,oi->op", basis, target).double()
+    if hessian is None:
+        return _System(gram0, rhs0, gram0, rhs0)
+    out_f, in_f, p = basis.shape
+    # H is symmetric: rows of H t and of H v_p are t H and v_p^T H, one GEMM each.
+    rhs = torch.einsum("oip,oi->op", basis, target @ hessian).double()
+    dense_t = basis[:, :, :n_dense].transpose(1, 2).contiguous()  # (out, Pd, in)
+    hv = (dense_t.reshape(-1, in_f) @ hessian).reshape(out_f, n_dense, in_f)
+    gram = torch.zeros(out_f, p, p, dtype=torch.float64, device=basis.device)
+    gram[:, :n_dense, :n_dense] = torch.einsum("opi,oqi->opq", hv, dense_t).double()
+    n_sparse, k = p - n_dense, salient_idx.shape[1]
+    if n_sparse == 0 or k == 0:
+        return _System(gram, rhs, gram0, rhs0)
+    valid = (salient_idx >= 0).unsqueeze(2)
+    idx = salient_idx.clamp(min=0)
+    sparse = basis[:, :, n_dense:].gather(1, idx.unsqueeze(2).expand(-1, -1, n_sparse))
+    sparse = sparse * valid  # (out, k, Ps); pads contribute nothing
+    hv_s = hv.gather(2, idx.unsqueeze(1).expand(-1, n_dense, -1))  # (out, Pd, k)
+    cross = torch.einsum("opk,okq->opq", hv_s, sparse).double()
+    gram[:, :n_dense, n_dense:] = cross
+    gram[:, n_dense:, :n_dense] = cross.transpose(1, 2)
+    step = max(1, _GATHER_CHUNK_ELEMS // (k * k))
+    for r0 in range(0, out_f, step):
+        i, s = idx[r0 : r0 + step], sparse[r0 : r0 + step]
+        h_ss = hessian[i.unsqueeze(2), i.unsqueeze(1)]  # (c, k, k) blocks of H
+        gram[r0 : r0 + step, n_dense:, n_dense:] = torch.einsum(
+            "ckq,ckl,clr->cqr", s, h_ss, s
+        ).double()
+    return _System(gram, rhs, gram0, rhs0)
+
+
+def _row_constant_system(target: torch.Tensor, hessian: torch.Tensor | None) -> _System:
+    """``_System`` of one parameter per row whose basis is all ones (a row mean): V^T H V is
+    1^T H 1 for every row and V^T H t_r = (H 1)^T t_r, one (in,) vector for the layer."""
+    out_f, in_f = target.shape
+    t = target.double()
+    gram0 = torch.full((out_f, 1, 1), float(in_f), dtype=torch.float64, device=target.device)
+    rhs0 = t.sum(dim=1, keepdim=True)
+    if hessian is None:
+        return _System(gram0, rhs0, gram0, rhs0)
+    h1 = hessian.double().sum(dim=1)  # H 1
+    gram = h1.sum().expand(out_f, 1, 1)
+    return _System(gram, (t @ h1).unsqueeze(1), gram0, rhs0)
+
+
+def _solve_rows(system: _System, lam: float | None) -> torch.Tensor:
+    """Per-row least squares (out, P) float64: the damped weighted system, or the unweighted one
+    when ``lam`` is None. Rows whose weighted system is numerically singular where the
+    unweighted one is not, or whose weighted solution is not finite, take the unweighted one."""
+    sol0, rank0 = _solve(system.gram0, system.rhs0)
+    if lam is None:
+        return sol0
+    sol, rank = _solve(system.gram + lam * system.gram0, system.rhs + lam * system.rhs0)
+    bad = (rank < rank0) | ~torch.isfinite(sol).all(dim=1)
+    return torch.where(bad.unsqueeze(1), sol0, sol)
 
 
 def _schur_solve(
     gram: torch.Tensor, rhs: torch.Tensor, k: int
 ) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """(shared, per_row, rank of the Schur system) of ``_shared_and_row_lstsq``, float64."""
+    """(shared, per_row, rank of the Schur system) of ``_solve_shared``, float64."""
     gss, gsq, gqq = gram[:, :k, :k], gram[:, :k, k:], gram[:, k:, k:]
     bs, bq = rhs[:, :k], rhs[:, k:]
     gqq_pinv = torch.linalg.pinv(gqq, rtol=_RCOND, hermitian=True)
@@ -200,8 +282,8 @@ def _schur_solve(
     return shared, per_row, int(rank)
 
 
-def _shared_and_row_lstsq(
-    target: torch.Tensor, basis: torch.Tensor, n_shared: int, hessian: torch.Tensor | None
+def _solve_shared(
+    system: _System, lam: float | None, n_shared: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Joint least squares with the first ``n_shared`` parameters shared by all rows.
 
@@ -212,38 +294,50 @@ def _shared_and_row_lstsq(
     the unweighted one is not, is replaced by the unweighted solution.
 
     Returns:
-        (shared (n_shared,), per_row (out, P - n_shared)), float32.
+        (shared (n_shared,), per_row (out, P - n_shared)), float64.
     """
-    shared, per_row, rank = _schur_solve(*_normal_terms(target, basis, hessian), n_shared)
-    if hessian is not None:
-        finite = bool(torch.isfinite(shared).all()) and bool(torch.isfinite(per_row).all())
-        shared0, per_row0, rank0 = _schur_solve(*_normal_terms(target, basis, None), n_shared)
-        if not finite or rank < rank0:
-            shared, per_row = shared0, per_row0
-    return shared.to(torch.float32), per_row.to(torch.float32)
+    shared0, per_row0, rank0 = _schur_solve(system.gram0, system.rhs0, n_shared)
+    if lam is None:
+        return shared0, per_row0
+    shared, per_row, rank = _schur_solve(
+        system.gram + lam * system.gram0, system.rhs + lam * system.rhs0, n_shared
+    )
+    finite = bool(torch.isfinite(shared).all()) and bool(torch.isfinite(per_row).all())
+    if not finite or rank < rank0:
+        return shared0, per_row0
+    return shared, per_row
+
+
+def _error_change(system: _System, new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
+    """(out,) float64 E_r(new) - E_r(old) with E_r(theta) = ||t_r - V_r theta||^2_H, from the
+    normal equations: d^T G (new + old) - 2 d^T b, d = new - old (G symmetric)."""
+    d = new - old
+    g_sum = (system.gram @ (new + old).unsqueeze(2)).squeeze(2)
+    return (d * g_sum).sum(dim=1) - 2.0 * (d * system.rhs).sum(dim=1)
 
 
 def _keep_better_rows(
-    weight: torch.Tensor,
     old: BinaryCodes,
     new: BinaryCodes,
-    hessian: torch.Tensor | None,
+    old_err: torch.Tensor,
+    change: torch.Tensor,
+    finite: torch.Tensor,
     shared: bool = False,
-    old_err: torch.Tensor | None = None,
 ) -> tuple[BinaryCodes, torch.Tensor]:
-    """``new`` where it is finite and does not raise the (undamped) error, else ``old``.
+    """``new`` where its parameters are finite (``finite``, (out,) bool) and its error change
+    ``change`` does not raise the (undamped) error, else ``old``.
 
     Decided per row, or for the whole layer when ``shared`` (parameters shared by the rows).
-    ``old_err``: ``old``'s row errors when the caller has them. Returns the kept codes and
-    their row errors (each row's own: a row's error depends on its parameters alone).
+    Returns the kept codes and their row errors (each row's own: a row's error depends on its
+    parameters alone).
     """
-    if old_err is None:
-        old_err = row_errors(weight - dequantize(old), hessian)
-    new_err = row_errors(weight - dequantize(new), hessian)
+    ok = finite & torch.isfinite(change)
+    new_err = old_err + change
     if shared:
-        # NaN compares False: a non-finite update is never taken.
-        return (new, new_err) if bool(new_err.sum() <= old_err.sum()) else (old, old_err)
-    take = new_err <= old_err
+        if bool(ok.all()) and bool(change.sum() <= 0):
+            return new, new_err
+        return old, old_err
+    take = ok & (change <= 0)
     if bool(take.all()):
         return new, new_err
     fields = {}
@@ -285,23 +379,26 @@ def _fit_means(
     """``fit_means`` given (optionally) the codes' row errors; returns the new ones too."""
     w = weight.to(torch.float32)
     h = _check_hessian(hessian, w.shape[1])
-    h_solve = damp_hessian(h, percdamp)
+    lam = _damping(h, percdamp)
+    if err is None:
+        err = row_errors(w - dequantize(codes), h)
     subset, b1, b2 = _dense(codes)
-    mu, alpha, alpha2 = expand_params(codes)
+    _, alpha, alpha2 = expand_params(codes)
     target = w - alpha.gather(1, subset) * b1 - alpha2 * b2
+    old = codes.mu.double()
     if codes.mean_mode == "row":
-        if h_solve is None:
-            new = replace(codes, mu=target.mean(dim=1, keepdim=True))
-        else:
-            basis = torch.ones_like(target).unsqueeze(2)
-            new = replace(codes, mu=_row_lstsq(target, basis, h_solve))
+        system = _row_constant_system(target, h)
+        new_mu = _solve_rows(system, lam)
     else:
-        n_sub = codes.n_rings + 1
-        basis = torch.nn.functional.one_hot(subset, n_sub).to(torch.float32)
-        new_mu = _row_lstsq(target, basis, h_solve)
+        basis = torch.nn.functional.one_hot(subset, codes.n_rings + 1).to(torch.float32)
+        system = _system(target, basis, h, codes.n_rings, codes.salient_idx)
         present = basis.sum(dim=1) > 0
-        new = replace(codes, mu=torch.where(present, new_mu, codes.mu))
-    return _keep_better_rows(w, codes, new, h, old_err=err)
+        new_mu = torch.where(present, _solve_rows(system, lam), old)
+    new_mu = new_mu.to(torch.float32)
+    theta = new_mu.double()
+    change = _error_change(system, theta, old)
+    new = replace(codes, mu=new_mu)
+    return _keep_better_rows(codes, new, err, change, torch.isfinite(theta).all(dim=1))
 
 
 def fit_scales(
@@ -339,26 +436,37 @@ def _fit_scales(
     """``fit_scales`` given (optionally) the codes' row errors; returns the new ones too."""
     w = weight.to(torch.float32)
     h = _check_hessian(hessian, w.shape[1])
-    h_solve = damp_hessian(h, percdamp)
+    lam = _damping(h, percdamp)
+    if err is None:
+        err = row_errors(w - dequantize(codes), h)
     n = codes.n_rings
+    out_f = w.shape[0]
     subset, b1, b2 = _dense(codes)
     mu, _, _ = expand_params(codes)
     target = w - mu.gather(1, subset)
     onehot = torch.nn.functional.one_hot(subset, n + 1).to(torch.float32)
+    # Columns 0..N-1: the rings (dense); N and N+1: a1's B1 and a2's B2 on the salient weights.
     basis = torch.cat([onehot * b1.unsqueeze(2), b2.unsqueeze(2)], dim=2)  # (out, in, N + 2)
     present = basis.abs().sum(dim=1) > 0  # (out, N + 2): the subset / plane is not empty
-    old_sal = codes.alpha_sal.to(torch.float32)
+    system = _system(target, basis, h, n, codes.salient_idx)
+    old_ring = codes.alpha_ring.to(torch.float64)
+    old_sal = codes.alpha_sal.to(torch.float64)
+    old = torch.cat([old_ring.expand(out_f, n), old_sal], dim=1)
     if codes.scale_mode == "row_ring":
-        theta = _row_lstsq(target, basis, h_solve)
-        old = torch.cat([codes.alpha_ring.to(torch.float32), old_sal], dim=1)
-        theta = torch.where(present, theta, old)
+        theta = torch.where(present, _solve_rows(system, lam), old).to(torch.float32)
         new = replace(codes, alpha_ring=theta[:, :n], alpha_sal=theta[:, n:])
-        return _keep_better_rows(w, codes, new, h, old_err=err)
-    shared, alpha_sal = _shared_and_row_lstsq(target, basis, n, h_solve)
-    shared = torch.where(present[:, :n].any(dim=0), shared, codes.alpha_ring.to(torch.float32))
-    alpha_sal = torch.where(present[:, n:], alpha_sal, old_sal)
-    new = replace(codes, alpha_ring=shared, alpha_sal=alpha_sal)
-    return _keep_better_rows(w, codes, new, h, shared=True, old_err=err)
+        shared = False
+    else:
+        ring, sal = _solve_shared(system, lam, n)
+        ring = torch.where(present[:, :n].any(dim=0), ring, old_ring).to(torch.float32)
+        sal = torch.where(present[:, n:], sal, old_sal).to(torch.float32)
+        new = replace(codes, alpha_ring=ring, alpha_sal=sal)
+        theta = torch.cat([ring.expand(out_f, n), sal], dim=1)
+        shared = True
+    theta = theta.double()
+    change = _error_change(system, theta, old)
+    finite = torch.isfinite(theta).all(dim=1)
+    return _keep_better_rows(codes, new, err, change, finite, shared=shared)
 
 
 def update_codes(
@@ -433,6 +541,7 @@ def refine(
     part: Partition | None = None,
     assign: str = "nearest",
     percdamp: float = 0.0,
+    row_err: torch.Tensor | None = None,
 ) -> RefineResult:
     """ARB alternating refinement: mean step, scale step, code step, ``iters`` times.
 
@@ -446,6 +555,8 @@ def refine(
         assign: code step rule, ``"nearest"`` or ``"threshold"``.
         percdamp: damping of H in the mean / scale solves (``damp_hessian``); the reported and
             guarded error is always the undamped tr(R H R^T).
+        row_err: the row errors of ``codes`` under ``hessian`` when the caller has them (a
+            previous ``RefineResult.row_errors``); computed otherwise.
 
     Returns:
         ``RefineResult`` with the error before and after every iteration (non-increasing).
@@ -455,8 +566,9 @@ def refine(
     w = weight.to(torch.float32)
     h = _check_hessian(hessian, w.shape[1])
     # Row errors are carried from step to step (each step returns its codes' errors), not
-    # recomputed: the same figures, about half the (out, in) x (in, in) products.
-    err = row_errors(w - dequantize(codes), h)
+    # recomputed: the mean and scale steps take their error change from their own normal
+    # equations, so only the code step forms an (out, in) x (in, in) product.
+    err = row_errors(w - dequantize(codes), h) if row_err is None else row_err
     errors = [float(err.sum())]
     for _ in range(iters):
         codes, err = _fit_means(w, codes, h, percdamp, err)
@@ -465,4 +577,4 @@ def refine(
             codes, err = _update_codes(w, codes, h, part, assign, err)
         errors.append(float(err.sum()))
     logger.debug("refine errors: %s", errors)
-    return RefineResult(codes=codes, errors=tuple(errors))
+    return RefineResult(codes=codes, errors=tuple(errors), row_errors=err)

@@ -3,7 +3,9 @@
 Each recipe quantizes a fresh copy of the model on the same calibration windows (P1's default,
 or the first N), back to back, so all see the same machine load. Prints and writes the ratios.
 
-Usage: python scripts/quant_time.py MODEL_DIR OUT.json [N_WINDOWS]
+Usage: python scripts/quant_time.py MODEL_DIR OUT.json [N_WINDOWS] [NAMES]
+  NAMES: comma-separated subset of the recipes below (GPTQ W2A16 always runs first, as the
+  ratios' base), e.g. bivlm_lm_w2.
 """
 
 from __future__ import annotations
@@ -24,13 +26,21 @@ RECIPES = {
 CALIBRATION_DTYPE = "float32"
 
 
-def main(model_dir: str, out: str, n_windows: int | None = None) -> None:
+def main(
+    model_dir: str, out: str, n_windows: int | None = None, names: list[str] | None = None
+) -> None:
     from bivlm_plugin.app.quantize import quantize_model
     from bivlm_plugin.utils import atomic_write_text, environment_info
 
+    unknown = sorted(set(names or ()) - set(RECIPES))
+    if unknown:
+        raise SystemExit(f"unknown recipe name(s) {unknown}; choose from {sorted(RECIPES)}")
+    chosen = {"gptq_w2a16_g64"} | set(names or RECIPES)
     seconds = {}
     with tempfile.TemporaryDirectory() as tmp:
         for name, recipe in RECIPES.items():
+            if name not in chosen:
+                continue
             start = time.perf_counter()
             report = quantize_model(
                 model_dir,
@@ -55,6 +65,7 @@ def main(model_dir: str, out: str, n_windows: int | None = None) -> None:
         "ratio_vs_gptq_w2": {k: v["oneshot_s"] / base for k, v in seconds.items()},
         "command": " ".join(
             ["python scripts/quant_time.py", model_dir, out, str(n_windows or "")]
+            + ([",".join(names)] if names else [])
         ).strip(),
         "environment": environment_info(),
     }
@@ -63,4 +74,5 @@ def main(model_dir: str, out: str, n_windows: int | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2], int(sys.argv[3]) if len(sys.argv) > 3 else None)
+    n = int(sys.argv[3]) if len(sys.argv) > 3 and sys.argv[3] else None
+    main(sys.argv[1], sys.argv[2], n, sys.argv[4].split(",") if len(sys.argv) > 4 else None)

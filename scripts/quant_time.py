@@ -64,8 +64,8 @@ def main(
         "seconds": seconds,
         "ratio_vs_gptq_w2": {k: v["oneshot_s"] / base for k, v in seconds.items()},
         "command": " ".join(
-            ["python scripts/quant_time.py", model_dir, out, str(n_windows or "")]
-            + ([",".join(names)] if names else [])
+            ["python scripts/quant_time.py", model_dir, out]
+            + ([str(n_windows or '""'), ",".join(names)] if names else [str(n_windows or "")])
         ).strip(),
         "environment": environment_info(),
     }

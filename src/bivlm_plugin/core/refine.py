@@ -141,25 +141,22 @@ def damp_hessian(hessian: torch.Tensor | None, percdamp: float = 0.0) -> torch.T
         float32 damped H, or None when H is None or has no positive diagonal (an all-zero H
         weights nothing; the fits then use the unweighted closed forms).
     """
-    if isinstance(percdamp, bool) or not 0.0 <= float(percdamp) < 1.0:
-        raise ValueError(f"percdamp must be in [0, 1), got {percdamp!r}")
-    if hessian is None:
+    h = None if hessian is None else hessian.to(torch.float32)
+    lam = _damping(h, percdamp)
+    if lam is None:
         return None
-    h = hessian.to(torch.float32)
-    mean_diag = float(torch.diagonal(h).mean())
-    if not (math.isfinite(mean_diag) and mean_diag > 0.0):
-        return None
-    if percdamp == 0.0:
+    if lam == 0.0:
         return h
     idx = torch.arange(h.shape[0], device=h.device)
     h = h.clone()
-    h[idx, idx] += float(percdamp) * mean_diag
+    h[idx, idx] += lam
     return h
 
 
 def _damping(h: torch.Tensor | None, percdamp: float) -> float | None:
-    """lambda of ``damp_hessian`` (H + lambda I), or None where the fits go unweighted (no H,
-    or no positive diagonal)."""
+    """lambda of ``damp_hessian`` (H + lambda I, the damped system the fits solve as
+    ``gram + lambda * gram0``), or None where the fits go unweighted (no H, or no positive
+    diagonal)."""
     if isinstance(percdamp, bool) or not 0.0 <= float(percdamp) < 1.0:
         raise ValueError(f"percdamp must be in [0, 1), got {percdamp!r}")
     if h is None:

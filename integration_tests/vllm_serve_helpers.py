@@ -33,6 +33,31 @@ def vllm_serve(
         yield server.url, server.model
 
 
+def pruned_greedy(model, enc: dict, ratio: float, score: str, merge: bool, max_tokens: int):
+    """Transformers' pruned greedy generation of one prompt: (ids, their log-probabilities)."""
+    import torch
+
+    from bivlm_plugin.integrations.transformers.pruning import generate_with_pruning
+
+    out = generate_with_pruning(
+        model,
+        enc,
+        ratio,
+        score,
+        merge=merge,
+        max_new_tokens=max_tokens,
+        do_sample=False,
+        return_dict_in_generate=True,
+        output_logits=True,
+    )
+    tokens = out.sequences[0].tolist()
+    logprobs = [
+        torch.log_softmax(lg[0].float(), -1)[t].item()
+        for lg, t in zip(out.logits, tokens, strict=True)
+    ]
+    return tokens, logprobs
+
+
 def image_chat_body(model: str, png: bytes, question: str, max_tokens: int) -> dict:
     """An OpenAI chat request: one inline PNG and a question; greedy, exactly ``max_tokens``
     tokens (``ignore_eos``), token ids returned."""

@@ -120,6 +120,7 @@ def test_ask_cli_and_its_errors(tiny_vlm, tmp_path, capsys) -> None:
         (["--image", str(img), "--question", "q", "--prune-ratio", "1.0"], "prune"),
         (["--image", str(img), "--question", "q", "--max-new-tokens", "0"], "--max-new-tokens"),
         (["--image", str(img), "--question", "q", "--prune-score", "nope"], "'nope'"),
+        (["--image", str(img), "--question", "q", "--prune-merge"], "--prune-merge needs"),
     ]:
         assert main(["ask", "--model", str(path), *argv]) == 2
         assert msg in capsys.readouterr().err, argv

@@ -13,6 +13,7 @@ from bivlm_plugin.pruning.scores import (
     keep_indices,
     keep_mask,
     mean_attention_scores,
+    merge_pruned,
     text_attention_scores,
 )
 
@@ -81,3 +82,39 @@ def test_registry_marks_text_agnostic_scores() -> None:
         "mean_attention",
         "feature_norm",
     }
+
+
+def test_merge_pruned_by_hand() -> None:
+    # Tokens 0 and 2 kept. Token 1 points like token 2 (cosine 1), token 3 like token 0; the
+    # magnitudes differ, so the means show which token joined which.
+    f = torch.tensor([[[1.0, 0.0], [0.0, 2.0], [0.0, 1.0], [3.0, 0.0]]])
+    out = merge_pruned(f, torch.tensor([[0, 2]]))
+    assert torch.equal(out, torch.tensor([[[2.0, 0.0], [0.0, 1.5]]]))
+    # A tie (token 1 equally like both kept tokens) goes to the earlier kept token.
+    g = torch.tensor([[[1.0, 0.0], [1.0, 1.0], [0.0, 1.0]]])
+    expected = torch.tensor([[[1.0, 0.5], [0.0, 1.0]]])
+    assert torch.equal(merge_pruned(g, torch.tensor([[0, 2]])), expected)
+    # Keeping everything changes nothing; the dtype is kept; rows are independent.
+    h = torch.randn(2, 5, 3).to(torch.bfloat16)
+    all_kept = torch.arange(5).expand(2, -1)
+    assert torch.equal(merge_pruned(h, all_kept), h)
+    kept = torch.tensor([[1, 3], [0, 4]])
+    both = merge_pruned(h, kept)
+    assert both.dtype == torch.bfloat16
+    assert torch.equal(both[1:], merge_pruned(h[1:], kept[1:]))
+
+
+def test_merge_pruned_duplicate_features_join_themselves() -> None:
+    # Two kept tokens with the same feature: each still keeps itself (no empty mean).
+    f = torch.tensor([[[1.0, 0.0], [1.0, 0.0], [2.0, 0.0]]])
+    out = merge_pruned(f, torch.tensor([[0, 1]]))
+    assert torch.isfinite(out).all()
+    assert torch.equal(out, torch.tensor([[[1.5, 0.0], [1.0, 0.0]]]))
+
+
+def test_merge_pruned_rejects_bad_input() -> None:
+    f = torch.randn(1, 4, 2)
+    with pytest.raises(ValueError, match=r"features must be \(B, N, D\)"):
+        merge_pruned(f[0], torch.tensor([[0]]))
+    with pytest.raises(ValueError, match=r"kept must hold 1 to 4 indices"):
+        merge_pruned(f, torch.tensor([[0, 4]]))

@@ -26,6 +26,8 @@ def test_valid_entry() -> None:
     s = pruning_settings(_cfg({"ratio": 0.9, "score": "cls_attention"}))
     assert s.enabled and s.ratio == 0.9 and s.score == "cls_attention"
     assert pruning_settings(_cfg({"ratio": 0.5})).score == "feature_norm"
+    assert not pruning_settings(_cfg({"ratio": 0.5})).merge
+    assert pruning_settings(_cfg({"ratio": 0.5, "merge": True})).merge
 
 
 @pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl"])
@@ -51,6 +53,7 @@ def test_qwen_entries(family, score) -> None:
             r"\('feature_norm', 'mean_attention'\)",
         ),
         (0.5, "llava", "must be a mapping"),
+        ({"ratio": 0.5, "merge": 1}, "llava", "merge must be true or false, got 1"),
     ],
 )
 def test_bad_entries_name_the_problem(entry, model_type, message) -> None:

@@ -142,18 +142,25 @@ def test_cli_eval_vqa_prunes_when_asked(tiny_llava_dir: Path, tmp_path: Path, mo
     seen = []
     real = pruning.generate_with_pruning
 
-    def spy(model, inputs, prune_ratio, prune_score="cls_attention", **kw):
-        seen.append((prune_ratio, prune_score))
-        return real(model, inputs, prune_ratio, prune_score, **kw)
+    def spy(model, inputs, prune_ratio, prune_score="cls_attention", merge=False, **kw):
+        seen.append((prune_ratio, prune_score, merge))
+        return real(model, inputs, prune_ratio, prune_score, merge, **kw)
 
     monkeypatch.setattr(pruning, "generate_with_pruning", spy)
     out = tmp_path / "p2.json"
     argv = ["eval", "vqa", "--model", str(tiny_llava_dir), "--limit", "3", "--dtype", "float32"]
     argv += ["--prune-ratio", "0.75", "--prune-score", "feature_norm", "--json", str(out)]
     assert main(argv) == 0
-    assert seen and set(seen) == {(0.75, "feature_norm")}
+    assert seen and set(seen) == {(0.75, "feature_norm", False)}
     res = json.loads(out.read_text())
     assert res["prune_ratio"] == 0.75 and res["prune_score"] == "feature_norm"
+    assert res["prune_merge"] is False
+    seen.clear()
+    assert main([*argv, "--prune-merge"]) == 0
+    assert seen and set(seen) == {(0.75, "feature_norm", True)}
+    assert json.loads(out.read_text())["prune_merge"] is True
+    no_ratio = ["eval", "vqa", "--model", str(tiny_llava_dir), "--limit", "1", "--prune-merge"]
+    assert main(no_ratio) == 2
 
 
 def test_p2_val_is_the_held_out_train_images() -> None:

@@ -27,6 +27,14 @@ def test_prune_ratio_is_written_to_the_config(tmp_path: Path) -> None:
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["bivlm_pruning"] == {"ratio": 0.75, "score": "feature_norm"}
     assert json.loads((out / "bivlm_report.json").read_text())["bivlm_pruning"]["ratio"] == 0.75
+    # --prune-merge is carried too, and what `bivlm serve` overrides it with reaches vLLM.
+    from bivlm_plugin.app.quantize import _pruning_entry
+    from bivlm_plugin.app.serve import server_command
+
+    assert _pruning_entry(0.75, "feature_norm", merge=True)["merge"] is True
+    cmd = server_command(out, 8000, prune_ratio=0.9, prune_merge=True)
+    entry = json.loads(cmd[cmd.index("--hf-overrides") + 1])["bivlm_pruning"]
+    assert entry == {"ratio": 0.9, "score": "feature_norm", "merge": True}
 
 
 @pytest.mark.parametrize(
@@ -34,6 +42,7 @@ def test_prune_ratio_is_written_to_the_config(tmp_path: Path) -> None:
     [
         (["--prune-ratio", "1.0"], r"prune ratio must be in \[0, 1\), got 1.0"),
         (["--prune-ratio", "0.5", "--prune-score", "text_attention"], "cannot be served"),
+        (["--prune-merge"], "--prune-merge needs --prune-ratio > 0"),
     ],
 )
 def test_bad_prune_flags_fail_before_calibration(tmp_path: Path, capsys, flags, message) -> None:

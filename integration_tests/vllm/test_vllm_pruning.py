@@ -21,6 +21,7 @@ from tiny_vlms import VLLM_TEXT, VLLM_VISION, save_llava_with_processor  # noqa:
 
 MAX_TOKENS = 6
 RATIO = 0.75  # 16 image tokens -> 4
+LOGPROB_ATOL = 1e-5  # float32 on both sides (the Qwen tests' bound)
 
 
 def _set_pruning(folder: Path, entry: dict | None) -> None:
@@ -50,11 +51,14 @@ def request_and_image(tmp_path_factory) -> tuple[Path, dict]:
     return folder, {"prompt": prompt, "image": str(png), "question": item.question}
 
 
-def _transformers_pruned(folder: Path, req: dict, score: str, ratio: float) -> list[int]:
+def _transformers_pruned(
+    folder: Path, req: dict, score: str, ratio: float, merge: bool = False, logprobs: bool = False
+) -> list[int] | tuple[list[int], list[float]]:
+    """Greedy ids from transformers' pruning (and their log-probabilities with ``logprobs``)."""
     from PIL import Image
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    from bivlm_plugin.integrations.transformers.pruning import generate_with_pruning
+    from vllm_serve_helpers import pruned_greedy
 
     processor = AutoProcessor.from_pretrained(folder)
     enc = processor(
@@ -62,10 +66,8 @@ def _transformers_pruned(folder: Path, req: dict, score: str, ratio: float) -> l
     )
     model = AutoModelForImageTextToText.from_pretrained(folder, dtype=torch.float32).eval()
     model.generation_config.eos_token_id = None
-    out = generate_with_pruning(
-        model, enc, ratio, score, max_new_tokens=MAX_TOKENS, do_sample=False
-    )
-    return out[0].tolist()
+    tokens, lps = pruned_greedy(model, enc, ratio, score, merge, MAX_TOKENS)
+    return (tokens, lps) if logprobs else tokens
 
 
 def _offline(folder: Path, req: dict, tmp_path: Path):
@@ -75,14 +77,23 @@ def _offline(folder: Path, req: dict, tmp_path: Path):
 
 
 @pytest.mark.integration
-@pytest.mark.parametrize("score", ["feature_norm", "cls_attention"])
-def test_offline_pruned_tokens_equal_transformers(request_and_image, score, tmp_path) -> None:
+@pytest.mark.parametrize(
+    "score, merge", [("feature_norm", False), ("cls_attention", False), ("cls_attention", True)]
+)
+def test_offline_pruned_tokens_equal_transformers(
+    request_and_image, score, merge, tmp_path
+) -> None:
     folder, req = request_and_image
-    _set_pruning(folder, {"ratio": RATIO, "score": score})
-    want = _transformers_pruned(folder, req, score, RATIO)
+    _set_pruning(folder, {"ratio": RATIO, "score": score, "merge": merge})
+    want, want_lp = _transformers_pruned(folder, req, score, RATIO, merge, logprobs=True)
     proc, result = _offline(folder, req, tmp_path)
     assert proc.returncode == 0, proc.stderr[-6000:]
     assert result["tokens"] == want, f"vLLM {result['tokens']} vs transformers {want}"
+    torch.testing.assert_close(result["logprobs"], want_lp, atol=LOGPROB_ATOL, rtol=0)
+    if merge:  # vLLM merged: its log-probabilities are not those of dropping the tokens
+        _, drop_lp = _transformers_pruned(folder, req, score, RATIO, logprobs=True)
+        gap = max(abs(a - b) for a, b in zip(result["logprobs"], drop_lp, strict=True))
+        assert gap > 10 * LOGPROB_ATOL, f"merged and dropped log-probs within {gap}"
 
 
 @pytest.mark.integration
@@ -117,6 +128,7 @@ def test_served_pruned_and_override(request_and_image, tmp_path) -> None:
     [
         ({"ratio": 1.0}, r"ratio must be in \[0, 1\)"),
         ({"ratio": 0.5, "score": "text_attention"}, "is not served"),
+        ({"ratio": 0.5, "merge": "yes"}, "merge must be true or false, got 'yes'"),
     ],
 )
 def test_bad_settings_fail_at_load(request_and_image, entry, message, tmp_path) -> None:

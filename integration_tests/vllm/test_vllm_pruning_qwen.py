@@ -169,12 +169,14 @@ def setup(request, tmp_path_factory) -> tuple[Path, list[dict]]:
     return folder, [req(["a"], items[0].question), req(["b", "a"], items[1].question)]
 
 
-def _transformers_pruned(folder: Path, req: dict, score: str) -> tuple[list[int], list[float]]:
+def _transformers_pruned(
+    folder: Path, req: dict, score: str, merge: bool = False
+) -> tuple[list[int], list[float]]:
     """Greedy ids and their log-probabilities from transformers' pruning."""
     from PIL import Image
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    from bivlm_plugin.integrations.transformers.pruning import generate_with_pruning
+    from vllm_serve_helpers import pruned_greedy
 
     processor = AutoProcessor.from_pretrained(folder)
     images = [Image.open(p).convert("RGB") for p in req["images"]]
@@ -183,22 +185,7 @@ def _transformers_pruned(folder: Path, req: dict, score: str) -> tuple[list[int]
     model.generation_config.eos_token_id = None
     margins = _score_margins(model, enc, score)
     assert min(margins) > MIN_MARGIN, f"near-tied scores at the keep boundary: {margins}"
-    out = generate_with_pruning(
-        model,
-        enc,
-        RATIO,
-        score,
-        max_new_tokens=MAX_TOKENS,
-        do_sample=False,
-        return_dict_in_generate=True,
-        output_logits=True,
-    )
-    tokens = out.sequences[0].tolist()
-    logprobs = [
-        torch.log_softmax(lg[0].float(), -1)[t].item()
-        for lg, t in zip(out.logits, tokens, strict=True)
-    ]
-    return tokens, logprobs
+    return pruned_greedy(model, enc, RATIO, score, merge, MAX_TOKENS)
 
 
 @torch.inference_mode()
@@ -246,12 +233,17 @@ def _image_runs(ids: list[int]) -> list[int]:
 # mean_attention is opt-in (-m slow) for CI's time budget: feature_norm covers the Qwen path;
 # LLaVA's tests run the attention scores.
 @pytest.mark.parametrize(
-    "score", ["feature_norm", pytest.param("mean_attention", marks=pytest.mark.slow)]
+    "score, merge",
+    [
+        ("feature_norm", False),
+        ("feature_norm", True),
+        pytest.param("mean_attention", False, marks=pytest.mark.slow),
+    ],
 )
-def test_offline_pruned_tokens_equal_transformers(setup, score, tmp_path) -> None:
+def test_offline_pruned_tokens_equal_transformers(setup, score, merge, tmp_path) -> None:
     folder, requests = setup
-    _set_pruning(folder, {"ratio": RATIO, "score": score})
-    want = [_transformers_pruned(folder, r, score) for r in requests]
+    _set_pruning(folder, {"ratio": RATIO, "score": score, "merge": merge})
+    want = [_transformers_pruned(folder, r, score, merge) for r in requests]
     proc, rounds = _offline(folder, [requests, [requests[1]]], tmp_path)
     assert proc.returncode == 0, proc.stderr[-6000:]
     (first, second), (repeat,) = rounds
@@ -260,6 +252,10 @@ def test_offline_pruned_tokens_equal_transformers(setup, score, tmp_path) -> Non
         assert runs == [keep_count(N_TOKENS[n], RATIO) for n in req["names"]]
         assert got["tokens"] == tokens, f"vLLM {got['tokens']} vs transformers {tokens}"
         torch.testing.assert_close(got["logprobs"], logprobs, atol=LOGPROB_ATOL, rtol=0)
+        if merge:  # vLLM merged: its log-probabilities are not those of dropping the tokens
+            _, drop_lp = _transformers_pruned(folder, req, score)
+            gap = max(abs(x - y) for x, y in zip(got["logprobs"], drop_lp, strict=True))
+            assert gap > 10 * LOGPROB_ATOL, f"merged and dropped log-probs within {gap}"
     # The repeat's images both lie in its prefix-cache hit (vLLM strips their pixels).
     last_image = max(i for i, t in enumerate(repeat["prompt_token_ids"]) if t == IMAGE_TOKEN)
     assert repeat["num_cached_tokens"] > last_image, repeat

@@ -3,7 +3,8 @@ need the ``__main__`` guard).
 
 Usage: python vllm_vlm_runner.py MODEL_DIR REQUEST_JSON OUT_JSON MAX_TOKENS
 REQUEST_JSON: {"prompt": str, "image": path to an image file}. OUT_JSON receives the generated
-ids, the quantization method vLLM resolved and the packed layers it built.
+ids with their log-probabilities, the quantization method vLLM resolved and the packed layers it
+built.
 """
 
 from __future__ import annotations
@@ -28,12 +29,14 @@ def main(model: str, request_path: str, out_path: str, max_tokens: int) -> None:
         seed=0,
         limit_mm_per_prompt={"image": 1},
     )
-    params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+    params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True, logprobs=0)
     image = Image.open(req["image"]).convert("RGB")
     (out,) = llm.generate([{"prompt": req["prompt"], "multi_modal_data": {"image": image}}], params)
     (packed,) = llm.apply_model(packed_layers)
+    tokens = list(out.outputs[0].token_ids)
     result = {
-        "tokens": list(out.outputs[0].token_ids),
+        "tokens": tokens,
+        "logprobs": [lp[t].logprob for lp, t in zip(out.outputs[0].logprobs, tokens, strict=True)],
         "quantization": llm.llm_engine.model_config.quantization,
         "packed": packed,
     }

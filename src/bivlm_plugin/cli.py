@@ -113,13 +113,18 @@ def _cmd_eval_vqa(args: argparse.Namespace) -> int:
     keep_count(1, args.prune_ratio)  # validates the ratio (message names the range)
     if args.prune_score not in SCORES:
         raise ValueError(f"--prune-score {args.prune_score!r}: choose one of {sorted(SCORES)}")
+    if args.prune_merge and not args.prune_ratio:
+        raise ValueError("--prune-merge needs --prune-ratio > 0 (there is nothing to merge)")
     model, processor = load_vlm(args.model, dtype=dtype)
     generate = plain_generate
     if args.prune_ratio > 0:
         from bivlm_plugin.integrations.transformers.pruning import generate_with_pruning
 
         generate = functools.partial(
-            generate_with_pruning, prune_ratio=args.prune_ratio, prune_score=args.prune_score
+            generate_with_pruning,
+            prune_ratio=args.prune_ratio,
+            prune_score=args.prune_score,
+            merge=args.prune_merge,
         )
 
     result = evaluate_vqa(
@@ -131,6 +136,7 @@ def _cmd_eval_vqa(args: argparse.Namespace) -> int:
         f"questions; {by_kind}) in {result.seconds:.1f} s"
         + (
             f"; image tokens pruned {args.prune_ratio} by {args.prune_score}"
+            + (", merged into the kept ones" if args.prune_merge else "")
             if args.prune_ratio
             else ""
         )
@@ -148,6 +154,7 @@ def _cmd_eval_vqa(args: argparse.Namespace) -> int:
             "dtype": args.dtype,
             "prune_ratio": args.prune_ratio,
             "prune_score": args.prune_score if args.prune_ratio else None,
+            "prune_merge": bool(args.prune_merge),
             **result.to_dict(),
         }
         _write_eval_json(Path(args.json), model_dir, payload)
@@ -177,6 +184,7 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
         fake_quant=args.fake_quant,
         prune_ratio=args.prune_ratio,
         prune_score=args.prune_score,
+        prune_merge=args.prune_merge,
         calibration_text_tokens=args.calibration_text_tokens,
         calibration_offset=args.calibration_offset,
         calibration_dtype=args.calibration_dtype,
@@ -325,6 +333,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         eager=not args.compiled,
         prune_ratio=args.prune_ratio,
         prune_score=args.prune_score,
+        prune_merge=args.prune_merge,
     )
     print(f"starting vllm serve (log: {log}) ...", flush=True)
     try:
@@ -380,6 +389,7 @@ def _cmd_ask(args: argparse.Namespace) -> int:
         max_new_tokens=args.max_new_tokens,
         prune_ratio=args.prune_ratio,
         prune_score=args.prune_score,
+        prune_merge=args.prune_merge,
     )
     print(answer)
     return 0
@@ -427,6 +437,15 @@ AUTO_DTYPE_HELP = (
     '"auto" (default) is bfloat16 where the CPU runs it natively (AVX512), float32 elsewhere '
     "(emulated bf16 is tens of times slower on AVX2-only CPUs)"
 )
+
+
+def _add_prune_merge(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--prune-merge",
+        action="store_true",
+        help="with --prune-ratio: merge each pruned image token into the kept token it is most "
+        "like (cosine of the features) instead of dropping it; as many tokens reach the model",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -515,6 +534,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="token importance: cls_attention (default), mean_attention, feature_norm "
         "(text-agnostic) or text_attention (FastV-style, layer 2 of the language model)",
     )
+    _add_prune_merge(p)
     p.set_defaults(func=_cmd_eval_vqa)
 
     p = sub.add_parser(
@@ -594,6 +614,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="text-agnostic score for --prune-ratio: feature_norm (default), cls_attention, "
         "mean_attention",
     )
+    _add_prune_merge(p)
     p.set_defaults(func=_cmd_quantize)
 
     from bivlm_plugin.app.main_job import DEFAULT_PRUNE_RATIO, DEFAULT_PRUNE_SCORE, DEFAULT_RECIPE
@@ -674,6 +695,7 @@ def build_parser() -> argparse.ArgumentParser:
         "mean_attention",
     )
     p.add_argument("--log", help="server log file (default: $BIVLM_HOME/logs/serve-NAME.log)")
+    _add_prune_merge(p)
     p.set_defaults(func=_cmd_serve)
 
     p = sub.add_parser(
@@ -736,6 +758,7 @@ def build_parser() -> argparse.ArgumentParser:
         default="feature_norm",
         help="feature_norm (default), cls_attention, mean_attention, text_attention",
     )
+    _add_prune_merge(p)
     p.set_defaults(func=_cmd_ask)
 
     analyze = sub.add_parser("analyze", help="studies").add_subparsers(

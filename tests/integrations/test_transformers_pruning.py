@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from bivlm_plugin.integrations.transformers.pruning import generate_with_pruning, prune_inputs
-from bivlm_plugin.pruning.scores import keep_count
+from bivlm_plugin.pruning.scores import keep_count, merge_pruned
 from tiny_vlms import IMAGE_TOKEN, SEQ, _llava_model
 
 
@@ -121,3 +121,30 @@ def test_bad_ratio_score_and_family_fail_clearly(llava) -> None:
         r"transformers, not model_type 'gemma3'",
     ):
         prune_inputs(other, inputs, 0.5)
+
+
+@pytest.mark.parametrize("score", ["feature_norm", "cls_attention"])
+def test_merge_puts_the_merged_features_at_the_kept_placeholders(llava, score) -> None:
+    """``merge=True``: the same kept tokens, each placeholder holding ``merge_pruned`` of the
+    projector's features; the text embeddings are untouched."""
+    inputs = _inputs(seed=7)
+    ratio = 0.75
+    k = keep_count(16, ratio)
+    drop = prune_inputs(llava, inputs, ratio, score)
+    merged = prune_inputs(llava, inputs, ratio, score, merge=True)
+    assert torch.equal(merged["kept"], drop["kept"])
+    assert torch.equal(merged["attention_mask"], drop["attention_mask"])
+    with torch.no_grad():
+        feats = llava.model.multi_modal_projector(
+            llava.model.vision_tower(
+                inputs["pixel_values"], output_hidden_states=True
+            ).hidden_states[-1][:, 1:]
+        )
+    got, dropped = merged["inputs_embeds"], drop["inputs_embeds"]
+    torch.testing.assert_close(got[:, 2 : 2 + k], merge_pruned(feats, drop["kept"]))
+    assert not torch.allclose(got[:, 2 : 2 + k], dropped[:, 2 : 2 + k])
+    assert torch.equal(got[:, :2], dropped[:, :2]) and torch.equal(
+        got[:, 2 + k :], dropped[:, 2 + k :]
+    )
+    out = generate_with_pruning(llava, inputs, ratio, score, merge=True, max_new_tokens=3)
+    assert out.shape == (2, 3)

@@ -17,7 +17,7 @@ from bivlm_plugin.integrations.transformers.pruning import (
     generate_with_pruning,
     prune_inputs,
 )
-from bivlm_plugin.pruning.scores import keep_count
+from bivlm_plugin.pruning.scores import keep_count, merge_pruned
 from tiny_vlms import IMAGE_TOKEN, TEXT, _idefics3_model, save_idefics3_with_processor
 
 FAKE, GLOBAL, ROW_1_COL_1 = IMAGE_TOKEN + 1, IMAGE_TOKEN + 2, 100
@@ -363,3 +363,22 @@ def test_ask_answers_with_pruning(saved, score) -> None:
             for _ in range(2)
         ]
         assert isinstance(answers[0], str) and answers[0] == answers[1], size
+
+
+def test_merge_puts_each_tiles_merged_features_at_its_kept_placeholders(model) -> None:
+    """``merge=True``: each tile's kept tokens hold ``merge_pruned`` of that tile's connector
+    output; the special tokens and the text are untouched."""
+    inputs = _inputs(seed=7)
+    ratio = 0.75
+    drop = prune_inputs(model, inputs, ratio, "feature_norm")
+    merged = prune_inputs(model, inputs, ratio, "feature_norm", merge=True)
+    assert torch.equal(merged["keep_tokens"], drop["keep_tokens"])
+    feats = _features(model, inputs)
+    kept = torch.stack(drop["kept"])  # (tiles, k), tiles in image-token order
+    b = inputs["input_ids"].shape[0]
+    new_ids = inputs["input_ids"][drop["keep_tokens"]].view(b, -1)
+    image = new_ids == IMAGE_TOKEN
+    want = merge_pruned(feats, kept).flatten(0, 1)
+    torch.testing.assert_close(merged["inputs_embeds"][image], want)
+    assert torch.equal(merged["inputs_embeds"][~image], drop["inputs_embeds"][~image])
+    assert not torch.allclose(merged["inputs_embeds"][image], drop["inputs_embeds"][image])

@@ -16,7 +16,7 @@ from bivlm_plugin.integrations.transformers.pruning import (
     prune_inputs,
     pruned_position_ids,
 )
-from bivlm_plugin.pruning.scores import keep_count
+from bivlm_plugin.pruning.scores import keep_count, merge_pruned
 from tiny_vlms import IMAGE_TOKEN, TEXT, _qwen2_vl_model
 
 VISION_START, VISION_END = IMAGE_TOKEN + 2, IMAGE_TOKEN + 3
@@ -315,3 +315,27 @@ def test_processor_batch_non_square_image(tmp_path) -> None:
     assert pruned["inputs_embeds"].shape[1] == n - 30 + keep_count(30, 0.5)
     out = generate_with_pruning(model, batch, 0.5, "feature_norm", max_new_tokens=NEW)
     assert out.shape == (2, NEW)
+
+
+def test_merge_puts_the_merged_features_at_the_kept_placeholders(qwen) -> None:
+    """``merge=True``: the same kept tokens at the same original positions, each placeholder
+    holding ``merge_pruned`` of its image's merger output."""
+    inputs = _inputs(seed=7)
+    ratio = 0.75
+    k = keep_count(N_IMAGE, ratio)
+    drop = prune_inputs(qwen, inputs, ratio, "feature_norm")
+    merged = prune_inputs(qwen, inputs, ratio, "feature_norm", merge=True)
+    assert all(torch.equal(a, b) for a, b in zip(merged["kept"], drop["kept"], strict=True))
+    assert torch.equal(merged["position_ids"], drop["position_ids"])
+    with torch.no_grad():
+        feats = qwen.model.get_image_features(
+            inputs["pixel_values"], inputs["image_grid_thw"]
+        ).pooler_output
+    start = PREFIX + 1
+    for b in range(2):
+        want = merge_pruned(feats[b][None], drop["kept"][b][None])[0]
+        torch.testing.assert_close(merged["inputs_embeds"][b, start : start + k], want)
+    assert not torch.allclose(merged["inputs_embeds"], drop["inputs_embeds"])
+    image = torch.zeros(merged["inputs_embeds"].shape[1], dtype=torch.bool)
+    image[start : start + k] = True
+    assert torch.equal(merged["inputs_embeds"][:, ~image], drop["inputs_embeds"][:, ~image])

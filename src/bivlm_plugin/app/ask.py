@@ -68,6 +68,7 @@ def ask(
     max_new_tokens: int = 16,
     prune_ratio: float = 0.0,
     prune_score: str = "feature_norm",
+    prune_merge: bool = False,
     model_and_processor=None,
 ) -> str:
     """The greedy answer of the VLM in ``model_dir`` to ``question`` about ``image``.
@@ -76,7 +77,8 @@ def ask(
         model_dir: a VLM folder (``bivlm zoo build`` or ``bivlm quantize`` output).
         image: a path or encoded bytes (see ``load_image``).
         max_new_tokens: at least 1.
-        prune_ratio, prune_score: visual-token pruning (0: none).
+        prune_ratio, prune_score, prune_merge: visual-token pruning (ratio 0: none); with
+            ``prune_merge`` the pruned tokens are merged into the kept ones.
         model_and_processor: ``(model, processor)`` already loaded from ``model_dir`` (tests,
             repeated questions); loaded with ``eval.vqa.load_vlm`` otherwise.
     """
@@ -90,6 +92,8 @@ def ask(
     keep_count(1, prune_ratio)  # names the valid range
     if prune_score not in SCORES:
         raise ValueError(f"--prune-score {prune_score!r}: choose one of {sorted(SCORES)}")
+    if prune_merge and not prune_ratio:
+        raise ValueError("--prune-merge needs --prune-ratio > 0 (there is nothing to merge)")
     im = load_image(image)
     model, processor = model_and_processor or load_vlm(model_dir)
     batch = dict(processor(text=prompt_for(processor, question), images=[im], return_tensors="pt"))
@@ -99,7 +103,9 @@ def ask(
     if prune_ratio > 0:
         from bivlm_plugin.integrations.transformers.pruning import generate_with_pruning
 
-        new = generate_with_pruning(model, batch, prune_ratio, prune_score, **kwargs)
+        new = generate_with_pruning(
+            model, batch, prune_ratio, prune_score, merge=prune_merge, **kwargs
+        )
     else:
         new = plain_generate(model, batch, **kwargs)
     return processor.tokenizer.decode(new[0], skip_special_tokens=True)

@@ -84,6 +84,7 @@ def quantize_model(
     fake_quant: bool = False,
     prune_ratio: float = 0.0,
     prune_score: str = "feature_norm",
+    prune_merge: bool = False,
     calibration_text_tokens: int | None = None,
     calibration_offset: int = 0,
     calibration_dtype: str = "auto",
@@ -100,9 +101,10 @@ def quantize_model(
         overrides: field values set on every modifier of the recipe (``--set key=value``), e.g.
             for ablations; a field the modifier does not have fails at construction.
         fake_quant: save dequantized bf16 weights instead of the packed format.
-        prune_ratio, prune_score: visual-token pruning the checkpoint asks servers for
-            (``bivlm_pruning`` in ``config.json``; vLLM applies it, a user can override it);
-            0 writes nothing.
+        prune_ratio, prune_score, prune_merge: visual-token pruning the checkpoint asks
+            servers for (``bivlm_pruning`` in ``config.json``; vLLM applies it, a user can
+            override it); ratio 0 writes nothing. ``prune_merge`` merges each pruned token into
+            the kept token it is most like instead of dropping it.
         calibration_text_tokens: VLMs only: WikiText tokens appended to each calibration
             triple (default ``VLM_CALIBRATION_TEXT_TOKENS``; 0: triples only).
         calibration_offset: text models: skip this many P1 calibration windows first (128:
@@ -124,7 +126,7 @@ def quantize_model(
         raise FileExistsError(f"--output {output} exists; pass --overwrite or choose a new folder")
     if not (model_dir / "config.json").is_file():
         raise FileNotFoundError(f"--model {model_dir} is not a model folder (no config.json)")
-    pruning = _pruning_entry(prune_ratio, prune_score)
+    pruning = _pruning_entry(prune_ratio, prune_score, prune_merge)
     dtype = calibration_torch_dtype(calibration_dtype)
     parsed = apply_overrides(load_recipe(find_recipe(recipe)), overrides or {})
     if not fake_quant and any(args.get("col_scale") for args in recipe_modifiers(parsed).values()):
@@ -208,14 +210,18 @@ def quantize_model(
     return report
 
 
-def _pruning_entry(ratio: float, score: str) -> dict[str, Any] | None:
+def _pruning_entry(ratio: float, score: str, merge: bool = False) -> dict[str, Any] | None:
     keep_count(1, ratio)  # raises on a ratio outside [0, 1), naming it
+    if merge and not ratio:
+        raise ValueError("--prune-merge needs --prune-ratio > 0 (there is nothing to merge)")
     if score not in SERVING_SCORES:
         raise ValueError(
             f"--prune-score {score!r} cannot be served; use one of {list(SERVING_SCORES)} "
             "(text-agnostic scores)"
         )
-    return {"ratio": float(ratio), "score": score} if ratio > 0 else None
+    if not ratio:
+        return None
+    return {"ratio": float(ratio), "score": score, **({"merge": True} if merge else {})}
 
 
 quantize_text_model = quantize_model  # the name of the text-only first version

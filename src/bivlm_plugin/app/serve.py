@@ -55,6 +55,7 @@ def server_command(
     eager: bool = True,
     prune_ratio: float | None = None,
     prune_score: str | None = None,
+    prune_merge: bool = False,
     extra_args: tuple[str, ...] = (),
 ) -> list[str]:
     """The ``vllm serve`` command line (our launcher in this interpreter's ``bin``).
@@ -72,6 +73,8 @@ def server_command(
     cmd += ["--max-model-len", str(max_model_len)]
     if eager:
         cmd.append("--enforce-eager")
+    if prune_merge and not prune_ratio:
+        raise ValueError("--prune-merge needs --prune-ratio > 0 (there is nothing to merge)")
     if prune_ratio is not None:
         keep_count(1, prune_ratio)  # names the range on a bad ratio
         score = prune_score or "feature_norm"
@@ -79,7 +82,8 @@ def server_command(
             raise ValueError(
                 f"--prune-score {score!r} cannot be served; use one of {list(SERVING_SCORES)}"
             )
-        overrides = {CONFIG_KEY: {"ratio": float(prune_ratio), "score": score}}
+        entry = {"ratio": float(prune_ratio), "score": score, "merge": bool(prune_merge)}
+        overrides = {CONFIG_KEY: entry}
         cmd += ["--hf-overrides", json.dumps(overrides)]
     return cmd + list(extra_args)
 

@@ -12,6 +12,10 @@ A score gives each image token of each image one number; pruning keeps the highe
 
 Text-agnostic scores depend on the image alone, so they fit a serving prefix cache.
 
+``merge_pruned`` is the optional second step (in the manner of LLaVA-PruMerge): instead of
+dropping the pruned tokens, each joins the kept token its feature is most like, and every kept
+token becomes the mean of itself and the tokens that joined it. It too reads the image alone.
+
 Non-goals: running models or hooking layers (the integrations do that), choosing the ratio.
 """
 
@@ -36,6 +40,7 @@ __all__ = [
     "keep_indices",
     "keep_mask",
     "mean_attention_scores",
+    "merge_pruned",
     "text_attention_scores",
 ]
 
@@ -152,6 +157,40 @@ def keep_mask(scores: torch.Tensor, ratio: float) -> torch.Tensor:
     idx = keep_indices(scores, ratio)
     mask = torch.zeros_like(scores, dtype=torch.bool)
     return mask.scatter_(1, idx, True)
+
+
+def merge_pruned(features: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
+    """The kept tokens' features with the pruned ones merged into them.
+
+    Each of the N tokens joins the kept token whose feature has the highest cosine similarity
+    with its own (ties toward the earlier kept token; a kept token always joins itself), and
+    each kept token's output is the plain mean of the features that joined it, in float32.
+
+    Args:
+        features: (B, N, D) image-token features (what the language model would receive).
+        kept: (B, k) int64 kept indices, each row distinct (``keep_indices``).
+
+    Returns:
+        (B, k, D) in ``features``' dtype, kept tokens in the order of ``kept``.
+    """
+    if features.dim() != 3 or kept.dim() != 2 or kept.shape[0] != features.shape[0]:
+        raise ValueError(
+            f"features must be (B, N, D) and kept (B, k), got {tuple(features.shape)} and "
+            f"{tuple(kept.shape)}"
+        )
+    b, n, d = features.shape
+    k = kept.shape[1]
+    if k == 0 or bool(((kept < 0) | (kept >= n)).any()):
+        raise ValueError(f"kept must hold 1 to {n} indices in [0, {n}), got {kept.tolist()}")
+    f = features.float()
+    unit = torch.nn.functional.normalize(f, dim=-1)
+    kept = kept.to(features.device)
+    anchors = unit.gather(1, kept.unsqueeze(-1).expand(-1, -1, d))  # (B, k, D)
+    target = (unit @ anchors.transpose(1, 2)).argmax(-1)  # (B, N), first maximum on ties
+    target = target.scatter(1, kept, torch.arange(k, device=f.device).expand(b, -1))
+    sums = f.new_zeros(b, k, d).scatter_add_(1, target.unsqueeze(-1).expand(-1, -1, d), f)
+    counts = f.new_zeros(b, k).scatter_add_(1, target, f.new_ones(b, n))
+    return (sums / counts.unsqueeze(-1)).to(features.dtype)
 
 
 @dataclass(frozen=True)

@@ -57,6 +57,7 @@ from bivlm_plugin.pruning.scores import (
     keep_indices,
     keep_mask,
     mean_attention_scores,
+    merge_pruned,
 )
 
 __all__ = [
@@ -177,7 +178,9 @@ def _text_attention(model, ids, mask, feats, position_ids=None) -> torch.Tensor:
     return SCORES["text_attention"].fn(attn, image, text)
 
 
-def _prune_llava(model, inputs, prune_ratio: float, prune_score: str) -> dict[str, Any]:
+def _prune_llava(
+    model, inputs, prune_ratio: float, prune_score: str, merge: bool = False
+) -> dict[str, Any]:
     ids, pixels = inputs["input_ids"], inputs["pixel_values"]
     mask = inputs.get("attention_mask", torch.ones_like(ids))
     image = ids == model.config.image_token_id
@@ -201,9 +204,9 @@ def _prune_llava(model, inputs, prune_ratio: float, prune_score: str) -> dict[st
     keep_tok[image] = keep_image.reshape(-1)
     new_ids = ids[keep_tok].view(ids.shape[0], -1)
     embeds = model.get_input_embeddings()(new_ids)
-    kept_feats = feats[keep_image].to(embeds.dtype)
+    kept_feats = merge_pruned(feats, kept).flatten(0, 1) if merge else feats[keep_image]
     embeds = embeds.masked_scatter(
-        (new_ids == model.config.image_token_id).unsqueeze(-1), kept_feats
+        (new_ids == model.config.image_token_id).unsqueeze(-1), kept_feats.to(embeds.dtype)
     )
     return {
         "inputs_embeds": embeds,
@@ -340,6 +343,7 @@ def _prune_qwen(
     inputs,
     prune_ratio: float,
     prune_score: str,
+    merge: bool = False,
     keep_image: list[torch.Tensor] | None = None,
 ) -> dict[str, Any]:
     """Qwen2-VL / Qwen2.5-VL; ``keep_image`` (one (N_i,) bool mask per image) replaces the
@@ -388,7 +392,11 @@ def _prune_qwen(
     b = ids.shape[0]
     new_ids = ids[keep_tokens].view(b, -1)
     embeds = model.get_input_embeddings()(new_ids)
-    kept_feats = torch.cat([f[k.to(f.device)] for f, k in zip(feats, keep_image, strict=True)])
+    kept_feats = []
+    for f, k in zip(feats, keep_image, strict=True):
+        k = k.to(f.device)
+        kept_feats.append(merge_pruned(f[None], torch.nonzero(k).T)[0] if merge else f[k])
+    kept_feats = torch.cat(kept_feats)
     embeds = embeds.masked_scatter((new_ids == image_id).unsqueeze(-1), kept_feats.to(embeds.dtype))
     position_ids, rope_deltas = pruned_position_ids(positions, keep_tokens, mask)
     return {
@@ -490,6 +498,7 @@ def _prune_idefics3(
     inputs,
     prune_ratio: float,
     prune_score: str,
+    merge: bool = False,
     keep_image: torch.Tensor | None = None,
 ) -> dict[str, Any]:
     """Idefics3 / SmolVLM; ``keep_image`` ((tiles, image_seq_len) bool) replaces the score's
@@ -524,8 +533,13 @@ def _prune_idefics3(
     b = ids.shape[0]
     new_ids = ids[keep_tokens].view(b, -1)
     embeds = model.get_input_embeddings()(new_ids)
-    kept_feats = feats[keep_image.to(feats.device)].to(embeds.dtype)
-    embeds = embeds.masked_scatter((new_ids == image_id).unsqueeze(-1), kept_feats)
+    keep_image = keep_image.to(feats.device)
+    if merge:  # every tile keeps the same count (keep_mask), so the indices stack
+        index = torch.nonzero(keep_image)[:, 1].view(keep_image.shape[0], -1)
+        kept_feats = merge_pruned(feats, index).flatten(0, 1)
+    else:
+        kept_feats = feats[keep_image]
+    embeds = embeds.masked_scatter((new_ids == image_id).unsqueeze(-1), kept_feats.to(embeds.dtype))
     return {
         "inputs_embeds": embeds,
         "attention_mask": mask[keep_tokens].view(b, -1),
@@ -543,7 +557,11 @@ _PRUNERS = {
 
 @torch.inference_mode()
 def prune_inputs(
-    model, inputs: dict[str, torch.Tensor], prune_ratio: float, prune_score: str = "cls_attention"
+    model,
+    inputs: dict[str, torch.Tensor],
+    prune_ratio: float,
+    prune_score: str = "cls_attention",
+    merge: bool = False,
 ) -> dict[str, Any]:
     """The language-model inputs of a pruned prompt batch.
 
@@ -563,6 +581,8 @@ def prune_inputs(
             Idefics3 / SmolVLM: of each tile's tokens.
         prune_score: a name in ``pruning.scores.SCORES`` the family supports
             (``FAMILY_SCORES``).
+        merge: merge each pruned token into the kept token it is most like
+            (``pruning.scores.merge_pruned``) instead of dropping it; same token count.
 
     Returns:
         ``inputs_embeds`` (B, T', D) and ``attention_mask`` (B, T'), T' = T - pruned tokens;
@@ -573,7 +593,7 @@ def prune_inputs(
         ``keep_tokens`` (B, T) bool.
     """
     family = _check(model, prune_ratio, prune_score)
-    return _PRUNERS[family](model, inputs, prune_ratio, prune_score)
+    return _PRUNERS[family](model, inputs, prune_ratio, prune_score, merge)
 
 
 def _generate_pruned(model, pruned: dict[str, Any], **generate_kwargs) -> torch.Tensor:
@@ -593,11 +613,13 @@ def generate_with_pruning(
     inputs: dict[str, torch.Tensor],
     prune_ratio: float,
     prune_score: str = "cls_attention",
+    merge: bool = False,
     **generate_kwargs,
 ) -> torch.Tensor:
     """``model.generate`` on ``inputs`` with ``prune_ratio`` of each image's tokens pruned.
 
-    ``prune_ratio == 0`` calls ``generate`` on the inputs unchanged.
+    ``prune_ratio == 0`` calls ``generate`` on the inputs unchanged; ``merge`` as in
+    ``prune_inputs``.
 
     Returns:
         (B, new_tokens) int64: the generated ids only (the prompt is not echoed).
@@ -607,5 +629,5 @@ def generate_with_pruning(
     if prune_ratio == 0.0:
         out = model.generate(**inputs, **generate_kwargs)
         return out[:, inputs["input_ids"].shape[1] :]
-    pruned = prune_inputs(model, inputs, prune_ratio, prune_score)
+    pruned = prune_inputs(model, inputs, prune_ratio, prune_score, merge)
     return _generate_pruned(model, pruned, **generate_kwargs)

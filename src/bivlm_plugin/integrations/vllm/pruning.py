@@ -5,16 +5,19 @@ Off by default. Turned on by a ``bivlm_pruning`` entry in the checkpoint's ``con
 (``bivlm quantize --prune-ratio R`` writes it), overridable when serving::
 
     vllm serve DIR --hf-overrides '{"bivlm_pruning": {"ratio": 0.9, "score": "feature_norm"}}'
+    vllm serve DIR --hf-overrides '{"bivlm_pruning": {"ratio": 0.9, "merge": true}}'  # merged
     vllm serve DIR --hf-overrides '{"bivlm_pruning": {"ratio": 0}}'        # off
 
 Both sides of vLLM read the same (overridden) config: the multimodal processor emits
 ``keep_count(N, ratio)`` placeholders per image instead of N, and the model's
 ``embed_multimodal`` returns exactly the kept embeddings, chosen by a text-agnostic score
-(``pruning/scores.py``) and kept in their original order. Text-agnostic scores depend on the image
-only, so they agree with vLLM's prefix and encoder caches. The plugin registers the class below
-for the architecture name ``LlavaForConditionalGeneration`` and ``pruning_qwen.py``'s classes for
-``Qwen2VLForConditionalGeneration`` and ``Qwen2_5_VLForConditionalGeneration``; with pruning
-off each is vLLM's own.
+(``pruning/scores.py``) and kept in their original order; with ``merge`` on, each pruned token
+is merged into the kept token it is most like (``merge_pruned``) instead of dropped. Text-agnostic
+scores and the merge depend on the image only, so they agree with vLLM's prefix and encoder
+caches. The plugin registers the class below for the architecture name
+``LlavaForConditionalGeneration`` and ``pruning_qwen.py``'s classes for
+``Qwen2VLForConditionalGeneration`` and ``Qwen2_5_VLForConditionalGeneration``; with pruning off
+each is vLLM's own.
 
 Supported (``SERVING_FAMILY_SCORES``): LLaVA with a CLIP tower, ``vision_feature_layer=-1``, the
 ``default`` strategy, scores ``feature_norm``, ``cls_attention``, ``mean_attention``; Qwen2-VL
@@ -40,6 +43,7 @@ from bivlm_plugin.pruning.scores import (
     SERVING_SCORES,
     keep_count,
     keep_indices,
+    merge_pruned,
 )
 
 __all__ = ["CONFIG_KEY", "PruningSettings", "pruning_settings", "register_pruning_models"]
@@ -53,6 +57,7 @@ SUPPORTED_FAMILIES = SERVING_FAMILIES
 class PruningSettings:
     ratio: float
     score: str
+    merge: bool = False
 
     @property
     def enabled(self) -> bool:
@@ -67,13 +72,16 @@ def pruning_settings(hf_config: Any) -> PruningSettings:
     if not isinstance(raw, Mapping):
         raise ValueError(
             f"config {CONFIG_KEY} must be a mapping like {{'ratio': 0.9, 'score': "
-            f"'feature_norm'}}, got {raw!r}"
+            f"'feature_norm', 'merge': true}}, got {raw!r}"
         )
-    unknown = set(raw) - {"ratio", "score"}
+    unknown = set(raw) - {"ratio", "score", "merge"}
     if unknown:
         raise ValueError(
-            f"config {CONFIG_KEY} has unknown keys {sorted(unknown)}; use ratio, score"
+            f"config {CONFIG_KEY} has unknown keys {sorted(unknown)}; use ratio, score, merge"
         )
+    merge = raw.get("merge", False)
+    if not isinstance(merge, bool):
+        raise ValueError(f"{CONFIG_KEY}.merge must be true or false, got {merge!r}")
     ratio = float(raw.get("ratio", 0.0))
     score = str(raw.get("score", "feature_norm"))
     if not 0.0 <= ratio < 1.0:
@@ -102,7 +110,7 @@ def pruning_settings(hf_config: Any) -> PruningSettings:
             f"{CONFIG_KEY}.score {score!r} is not served for {model_type}{why}; use one of "
             f"{SERVING_FAMILY_SCORES[model_type]}"
         )
-    return PruningSettings(ratio, score)
+    return PruningSettings(ratio, score, merge)
 
 
 def _check_llava(config: Any, settings: PruningSettings, tp_size: int) -> None:
@@ -174,9 +182,10 @@ def _make_classes():
                 tp = vllm_config.parallel_config.tensor_parallel_size
                 _check_llava(self.config, self.bivlm_pruning, tp)
                 logger.info(
-                    "bivlm: pruning %.3g of image tokens by %s",
+                    "bivlm: pruning %.3g of image tokens by %s%s",
                     self.bivlm_pruning.ratio,
                     self.bivlm_pruning.score,
+                    " (merged into the kept ones)" if self.bivlm_pruning.merge else "",
                 )
 
         def _image_pixels_to_features(self, vision_tower, pixel_values):
@@ -208,6 +217,8 @@ def _make_classes():
                 scores = score.fn(self._bivlm_attention)
                 self._bivlm_attention = None
             kept = keep_indices(scores, settings.ratio)  # (B, k), original order
+            if settings.merge:
+                return merge_pruned(embeds, kept)
             return embeds.gather(1, kept.unsqueeze(-1).expand(-1, -1, embeds.shape[-1]))
 
     return PruningLlavaForConditionalGeneration

@@ -51,6 +51,7 @@ from bivlm_plugin.pruning.scores import (
     keep_count,
     keep_indices,
     mean_attention_scores,
+    merge_pruned,
 )
 
 from .pruning import CONFIG_KEY, PruningSettings, pruning_settings
@@ -165,9 +166,10 @@ class _PruningQwen:
         if self.bivlm_pruning.enabled:
             _check_qwen(self.config, vllm_config, self.bivlm_pruning)
             logger.info(
-                "bivlm: pruning %.3g of image tokens by %s (original M-RoPE positions)",
+                "bivlm: pruning %.3g of image tokens by %s%s (original M-RoPE positions)",
                 self.bivlm_pruning.ratio,
                 self.bivlm_pruning.score,
+                ", merged into the kept ones" if self.bivlm_pruning.merge else "",
             )
 
     @torch.inference_mode()
@@ -199,9 +201,12 @@ class _PruningQwen:
         return feats, scores
 
     def _bivlm_kept(self, pixels: torch.Tensor, grid: list[int]):
-        """One image: its kept tokens (k, D) and their indices (k,), ascending."""
+        """One image: its kept tokens (k, D) (the pruned ones merged in with ``merge``) and their
+        indices (k,), ascending."""
         feats, scores = self._bivlm_encode(pixels, grid)
         kept = keep_indices(scores[None], self.bivlm_pruning.ratio)[0]
+        if self.bivlm_pruning.merge:
+            return merge_pruned(feats[None], kept[None])[0], kept
         return feats[kept.to(feats.device)], kept
 
     def _bivlm_span(self, feature) -> MediaSpan:

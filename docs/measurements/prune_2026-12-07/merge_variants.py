@@ -1,7 +1,14 @@
 """P2-val: pruning r=0.9 variants on one model (selection on held-out questions only)."""
-import functools, json, sys, time, torch
-from bivlm_plugin.eval.vqa import PROTOCOLS, evaluate_vqa, load_vlm, p2_items
+
+import functools
+import json
+import sys
+import time
+
+import torch
+
 import bivlm_plugin.integrations.transformers.pruning as tp
+from bivlm_plugin.eval.vqa import PROTOCOLS, evaluate_vqa, load_vlm, p2_items
 from bivlm_plugin.pruning import scores as S
 from bivlm_plugin.utils import compute_dtype, torch_dtype
 
@@ -11,6 +18,7 @@ dtype = torch_dtype(compute_dtype("auto"))
 model, proc = load_vlm(model_dir, dtype=dtype)
 items = p2_items(None, PROTOCOLS["P2-val"])
 state = {}
+
 
 def vz_keep(scores, ratio, n_ctx):
     b, n = scores.shape
@@ -24,9 +32,10 @@ def vz_keep(scores, ratio, n_ctx):
     state["dom"], state["ctx"], state["rest"] = dom, ctx, rest
     return torch.cat([dom, ctx], 1).sort(dim=1).values
 
+
 def vz_merge(feats, kept):
     b, n, d = feats.shape
-    dom, ctx, rest = state["dom"], state["ctx"], state["rest"]
+    ctx, rest = state["ctx"], state["rest"]
     f = feats.float()
     unit = torch.nn.functional.normalize(f, dim=-1)
     rest_f = f.gather(1, rest[..., None].expand(-1, -1, d))
@@ -45,6 +54,7 @@ def vz_merge(feats, kept):
             outs[bi, pos[v]] = ctx_out[bi, j]
     return outs.to(feats.dtype)
 
+
 orig_keep, orig_merge = tp.keep_indices, tp.merge_pruned
 results = {}
 for v in variants:
@@ -56,9 +66,15 @@ for v in variants:
         tp.merge_pruned = vz_merge
     else:
         tp.keep_indices, tp.merge_pruned = orig_keep, orig_merge
-    gen = functools.partial(tp.generate_with_pruning, prune_ratio=0.9, prune_score=score, merge=merge)
+    gen = functools.partial(
+        tp.generate_with_pruning, prune_ratio=0.9, prune_score=score, merge=merge
+    )
     t = time.time()
     r = evaluate_vqa(model, proc, items, generate=gen, protocol=PROTOCOLS["P2-val"])
     results[v] = {"accuracy": r.accuracy, "by_kind": r.accuracy_by_kind, "n": r.n_questions}
-    print(v, r.accuracy, r.accuracy_by_kind, f"{time.time()-t:.0f}s", flush=True)
-    json.dump({"model": model_dir, "protocol": "P2-val", "prune_ratio": 0.9, "results": results}, open(out, "w"), indent=1)
+    print(v, r.accuracy, r.accuracy_by_kind, f"{time.time() - t:.0f}s", flush=True)
+    json.dump(
+        {"model": model_dir, "protocol": "P2-val", "prune_ratio": 0.9, "results": results},
+        open(out, "w"),
+        indent=1,
+    )

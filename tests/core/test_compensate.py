@@ -184,3 +184,47 @@ def test_act_order_lowers_bivlm_layer_error(seed: int) -> None:
         assert errs[True] < 0.97 * errs[False], (rings, errs)
     with pytest.raises(ValueError, match="act_order must be a bool"):
         BiVLMConfig(act_order="yes")
+
+
+@pytest.mark.parametrize(
+    "rings, p_sal, act_order, mean_mode",
+    [(1, 0.0, False, "row"), (2, 0.02, True, "row"), (4, 0.05, True, "row_subset")],
+)
+def test_level_table_pass_picks_quantize_with_grids_codes(rings, p_sal, act_order, mean_mode):
+    """The column-wise pass for a ``"nearest"`` grid (``LevelTable``, decoded at the end) gives
+    exactly the codes of the same pass with ``quantize_with_grid`` choosing every column."""
+    from bivlm_plugin.core import bivlm
+    from bivlm_plugin.core.binarize import (
+        codes_from_grid,
+        dequantize,
+        grid_from_codes,
+        quantize_with_grid,
+    )
+
+    w, h = _channel_problem(2)
+    cfg = bivlm.BiVLMConfig(
+        n_rings=rings, p_sal=p_sal, code_choice="column", act_order=act_order, mean_mode=mean_mode
+    )
+    cfg, prob = bivlm._prepare(w, h, cfg)
+    (enc,) = bivlm._encode_all(prob, (p_sal,), cfg)
+    perm, hinv = (None, prob.hinv) if prob.order is None else prob.order
+    got = bivlm._compensate(prob.w, enc.codes, hinv, enc.part, cfg, perm)
+
+    grid = grid_from_codes(enc.codes, enc.part, "nearest")
+    signs = torch.empty(w.shape, dtype=torch.bool)
+    ring = torch.empty(w.shape, dtype=torch.uint8)
+    sign2 = torch.empty(w.shape, dtype=torch.bool)
+
+    def one_column(w_b, _hinv_b, k):
+        col = perm[k : k + 1] if perm is not None else slice(k, k + 1)
+        cc = quantize_with_grid(w_b, grid, col)
+        signs[:, col], ring[:, col], sign2[:, col] = cc.signs, cc.ring, cc.sign2
+        return cc.w_hat
+
+    start = prob.w if perm is None else prob.w[:, perm]
+    gptq_compensate(start, hinv, one_column, cfg.block_size, column_wise=True)
+    want = codes_from_grid(grid, signs, ring, sign2)
+    assert torch.equal(got.signs, want.signs) and torch.equal(got.ring, want.ring)
+    assert torch.equal(dequantize(got), dequantize(want))
+    if p_sal:
+        assert bool(grid.salient.any())

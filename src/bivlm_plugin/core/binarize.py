@@ -34,12 +34,16 @@ __all__ = [
     "BinaryCodes",
     "ColumnCodes",
     "Grid",
+    "LevelTable",
     "codes_from_grid",
+    "codes_from_levels",
     "dense_sign2",
     "dequantize",
     "encode",
     "expand_params",
     "grid_from_codes",
+    "level_table",
+    "nearest_level",
     "pack_codes",
     "quantize_with_grid",
     "round_params_fp16",
@@ -529,6 +533,62 @@ def quantize_with_grid(
     w_hat = _levels(subset, _pm1(signs), b2, grid.mu, grid.alpha, grid.alpha2)
     ring_u8 = torch.where(sal, torch.zeros_like(ring), ring).to(torch.uint8)
     return ColumnCodes(w_hat=w_hat, signs=signs, ring=ring_u8, sign2=sign2)
+
+
+@dataclass(frozen=True)
+class LevelTable:
+    """Every value a row's weights can take under a frozen ``assign="nearest"`` grid, so that
+    one column's codes are a few tensor operations (GPTQ's column loop,
+    ``BiVLMConfig.code_choice="column"``); ``quantize_with_grid`` gives the same codes.
+
+    Attributes:
+        levels: (out, 2N + 4) float32: the inlier levels interleaved ``mu_k + a_k, mu_k - a_k``
+            (index // 2 = ring, even = sign +1), then the salient levels ``mu_s + s1 a1 + s2 a2``
+            for (s1, s2) = (+, +), (+, -), (-, +), (-, -), each computed as ``_levels`` does.
+        penalty: (2, 2N + 4) float32 added to the distances: row 0 (inlier weights) is +inf on
+            the salient levels, row 1 (salient weights) +inf on the inlier levels.
+        n_rings: N.
+    """
+
+    levels: torch.Tensor
+    penalty: torch.Tensor
+    n_rings: int
+
+
+def level_table(grid: Grid) -> LevelTable:
+    """The ``LevelTable`` of a ``"nearest"`` grid."""
+    if grid.assign != "nearest":
+        raise ValueError(f"a level table needs assign='nearest', got {grid.assign!r}")
+    n = grid.n_rings
+    mu_r, a_r = grid.mu[:, :n], grid.alpha[:, :n]
+    inl = torch.stack([mu_r + a_r, mu_r - a_r], dim=2).reshape(mu_r.shape[0], 2 * n)
+    mu_s, a1, a2 = grid.mu[:, n : n + 1], grid.alpha[:, n : n + 1], grid.alpha2
+    sal = torch.cat([mu_s + s1 * a1 + s2 * a2 for s1 in (1.0, -1.0) for s2 in (1.0, -1.0)], 1)
+    levels = torch.cat([inl, sal], dim=1).contiguous()
+    inf = float("inf")
+    penalty = torch.zeros((2, 2 * n + 4), dtype=torch.float32, device=levels.device)
+    penalty[0, 2 * n :], penalty[1, : 2 * n] = inf, inf
+    return LevelTable(levels=levels, penalty=penalty, n_rings=n)
+
+
+def nearest_level(table: LevelTable, values: torch.Tensor, salient: torch.Tensor) -> torch.Tensor:
+    """(out,) int64 index into ``table.levels`` of each row's nearest allowed level (first on
+    ties, as ``quantize_with_grid``); ``values`` (out,) float32, ``salient`` (out,) bool."""
+    dist = (values.unsqueeze(1) - table.levels).abs_()
+    dist.add_(table.penalty[salient.long()])
+    return dist.argmin(dim=1)
+
+
+def codes_from_levels(
+    index: torch.Tensor, n_rings: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Signs, rings and second-plane signs ((out, in) bool, uint8, bool, as
+    ``quantize_with_grid``) of ``LevelTable`` indices (out, in)."""
+    sal = index >= 2 * n_rings
+    pick = index - 2 * n_rings
+    signs = torch.where(sal, pick < 2, index % 2 == 0)
+    ring = torch.where(sal, torch.zeros_like(index), index // 2).to(torch.uint8)
+    return signs, ring, sal & (pick % 2 == 0)
 
 
 def codes_from_grid(

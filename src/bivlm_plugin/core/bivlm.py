@@ -46,10 +46,14 @@ from .binarize import (
     MEAN_MODES,
     SCALE_MODES,
     BinaryCodes,
+    Grid,
     codes_from_grid,
+    codes_from_levels,
     dequantize,
     encode,
     grid_from_codes,
+    level_table,
+    nearest_level,
     quantize_with_grid,
     round_params_fp16,
 )
@@ -58,7 +62,14 @@ from .checks import require_finite
 from .colscale import initial_col_scale, solve_col_scale
 from .compensate import gptq_compensate
 from .hessian import inverse_cholesky
-from .partition import SALIENT_SELECT_MODES, STATS_MODES, partition, row_stats, saliency_score
+from .partition import (
+    SALIENT_SELECT_MODES,
+    STATS_MODES,
+    partition,
+    row_stats,
+    saliency_ranking,
+    saliency_score,
+)
 from .refine import layer_error, refine, refit
 from .types import BitCount, QuantResult, register_method
 
@@ -261,6 +272,9 @@ def _compensate(
     ``H[perm][:, perm]``; the codes come back in the layer's own column order.
     """
     grid = grid_from_codes(codes, part, config.assign)
+    column_wise = config.code_choice == "column"
+    if column_wise and grid.assign == "nearest":
+        return _compensate_by_levels(w, grid, hinv, config, perm)
     signs = torch.empty(w.shape, dtype=torch.bool, device=w.device)
     ring = torch.empty(w.shape, dtype=torch.uint8, device=w.device)
     sign2 = torch.empty(w.shape, dtype=torch.bool, device=w.device)
@@ -278,9 +292,39 @@ def _compensate(
         hinv,
         quantize_block,
         block_size=config.block_size,
-        column_wise=config.code_choice == "column",
+        column_wise=column_wise,
     )
     return codes_from_grid(grid, signs, ring, sign2)
+
+
+def _compensate_by_levels(
+    w: torch.Tensor,
+    grid: Grid,
+    hinv: torch.Tensor,
+    config: BiVLMConfig,
+    perm: torch.Tensor | None,
+) -> BinaryCodes:
+    """``_compensate``'s column-wise pass for a ``"nearest"`` grid: each column's codes are the
+    nearest entries of the grid's ``LevelTable`` (the codes ``quantize_with_grid`` picks, in a
+    few tensor operations a column), decoded once at the end."""
+    table = level_table(grid)
+    salient = grid.salient if perm is None else grid.salient[:, perm]
+    index = torch.empty(w.shape, dtype=torch.int64, device=w.device)  # pass order
+
+    def quantize_column(w_col: torch.Tensor, _hinv: torch.Tensor, k: int) -> torch.Tensor:
+        index[:, k] = nearest_level(table, w_col[:, 0], salient[:, k])
+        return table.levels.gather(1, index[:, k : k + 1])
+
+    gptq_compensate(
+        w if perm is None else w[:, perm],
+        hinv,
+        quantize_column,
+        block_size=config.block_size,
+        column_wise=True,
+    )
+    if perm is not None:
+        index = index[:, torch.argsort(perm)]
+    return codes_from_grid(grid, *codes_from_levels(index, table.n_rings))
 
 
 def _zero_dead(w: torch.Tensor, dead: torch.Tensor | None) -> torch.Tensor:
@@ -330,11 +374,17 @@ class _Encoded:
 
 
 def _encode_candidate(
-    w: torch.Tensor, score: torch.Tensor, p_sal: float, config: BiVLMConfig
+    w: torch.Tensor,
+    score: torch.Tensor,
+    p_sal: float,
+    config: BiVLMConfig,
+    order: torch.Tensor | None = None,
 ) -> _Encoded:
     """Partition at salient share ``p_sal`` (salient by ``score``, ``_saliency``: the same for
     every share) and the closed-form codes (``binarize.encode``)."""
-    part = partition(w, p_sal, config.n_rings, config.stats, config.salient_select, score)
+    part = partition(
+        w, p_sal, config.n_rings, config.stats, config.salient_select, score, order
+    )
     codes = encode(w, part, config.scale_mode, config.mean_mode)
     # Bits depend only on the shape and the salient positions, fixed from here on.
     bits = count_bits(
@@ -467,7 +517,8 @@ def _with_col_scale(prob: _Problem, out: _Candidate, config: BiVLMConfig) -> _Ca
 def _encode_all(prob: _Problem, shares: tuple[float, ...], config: BiVLMConfig) -> list[_Encoded]:
     """Every share's partition and closed-form codes on the problem, in ``shares`` order."""
     score = _saliency(prob.w, prob.hinv, config, prob.dead)
-    return [_encode_candidate(prob.w, score, p, config) for p in shares]
+    order = saliency_ranking(score) if len(shares) > 1 else None  # one sort for every share
+    return [_encode_candidate(prob.w, score, p, config, order) for p in shares]
 
 
 def _finish(prob: _Problem, enc: _Encoded, config: BiVLMConfig, refined: int = 0) -> _Candidate:
@@ -510,9 +561,16 @@ def _score_cheaply(
     return enc, layer_error(prob.w, dequantize(enc.codes), prob.h)
 
 
-def _result(w: torch.Tensor, h: torch.Tensor | None, best: _Candidate, extra: dict) -> QuantResult:
+def _result(
+    w: torch.Tensor,
+    h: torch.Tensor | None,
+    best: _Candidate,
+    extra: dict,
+    ref: float | None = None,
+) -> QuantResult:
+    """``best`` as a ``QuantResult``; ``ref``: tr(W H W^T) if the caller has it."""
     w_hat = dequantize(best.codes)
-    ref = layer_error(w, torch.zeros_like(w), h)
+    ref = layer_error(w, torch.zeros_like(w), h) if ref is None else ref
     info: dict[str, Any] = {
         "p_sal": best.p_sal,
         "n_rings": best.codes.n_rings,
@@ -591,7 +649,7 @@ def bivlm_candidates(
                 errors.append(err)
             else:
                 # Keep the codes, not the dense weights (a 7B MLP's are 180 MB each).
-                res = _result(prob.w0, prob.h0, _finish(prob, enc, cfg), {})
+                res = _result(prob.w0, prob.h0, _finish(prob, enc, cfg), {}, ref)
                 done.append(dataclasses.replace(res, w_hat=None))
                 errors.append(res.error if res.error is not None else res.info["frobenius_error"])
             bits.append(enc.bits.storage_bits)
@@ -604,7 +662,7 @@ def bivlm_candidates(
             res = done[i]
             return dataclasses.replace(res, w_hat=dequantize(res.codes), info={**res.info, **extra})
         cfg, enc = staged[i]
-        return _result(prob.w0, prob.h0, _finish(prob, enc, cfg, first), extra)
+        return _result(prob.w0, prob.h0, _finish(prob, enc, cfg, first), extra, ref)
 
     return LayerCandidates(keys, options, config.candidate_search, finish)
 

@@ -30,6 +30,7 @@ __all__ = [
     "gaussian_thresholds",
     "partition",
     "row_stats",
+    "saliency_ranking",
     "saliency_score",
     "salient_count",
 ]
@@ -178,6 +179,7 @@ def partition(
     stats: str = "row",
     salient_select: str = "topk",
     saliency: torch.Tensor | None = None,
+    saliency_order: torch.Tensor | None = None,
 ) -> Partition:
     """Split a weight into N Gaussian-quantile inlier rings and a salient set.
 
@@ -190,6 +192,8 @@ def partition(
             (per row, as many as lie beyond t_N).
         saliency: optional (out, in) score choosing which weights of a row are salient
             (default |w - mu|).
+        saliency_order: optional ``saliency_ranking(saliency)`` computed once by a caller that
+            partitions one score at several shares (must come from ``saliency``).
 
     Returns:
         A ``Partition``.
@@ -217,7 +221,13 @@ def partition(
     else:
         counts = (idx >= n_rings).sum(dim=1)
     score = dev if saliency is None else saliency.to(torch.float32)
-    salient = _top_per_row(score, counts.to(w.device))
+    if saliency_order is not None and saliency_order.shape != weight.shape:
+        raise ValueError(
+            f"saliency_order must match the weight shape {tuple(weight.shape)}, "
+            f"got {tuple(saliency_order.shape)}"
+        )
+    order = saliency_order if saliency is not None else None
+    salient = _top_per_row(score, counts.to(w.device), order)
     ring = idx.clamp_max(n_rings - 1).to(torch.int8)
     return Partition(
         mu=mu,
@@ -230,9 +240,18 @@ def partition(
     )
 
 
-def _top_per_row(score: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-    """(out, in) bool mask of the ``counts[r]`` largest scores of each row r."""
-    order = score.argsort(dim=1, descending=True, stable=True)
+def saliency_ranking(score: torch.Tensor) -> torch.Tensor:
+    """(out, in) int64: each row's positions by descending ``score``, ties to the earlier one."""
+    return score.argsort(dim=1, descending=True, stable=True)
+
+
+def _top_per_row(
+    score: torch.Tensor, counts: torch.Tensor, order: torch.Tensor | None = None
+) -> torch.Tensor:
+    """(out, in) bool mask of the ``counts[r]`` largest scores of each row r (``order``:
+    ``saliency_ranking(score)`` if already computed)."""
+    if order is None:
+        order = saliency_ranking(score)
     rank_ok = torch.arange(score.shape[1], device=score.device).unsqueeze(0) < counts.unsqueeze(1)
     mask = torch.zeros_like(score, dtype=torch.bool)
     mask.scatter_(1, order, rank_ok)

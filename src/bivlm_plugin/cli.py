@@ -775,7 +775,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--scores",
         default="cls_attention,mean_attention,feature_norm,text_attention",
-        help="comma-separated importance scores to sweep (default: all four)",
+        help="comma-separated importance scores to sweep (default: all four); NAME+merge "
+        "merges the pruned tokens into the kept ones (e.g. feature_norm,feature_norm+merge)",
     )
     p.add_argument(
         "--ratios",

@@ -37,14 +37,22 @@ def accuracy_sweep(
     limit: int | None = None,
     batch_size: int = 16,
 ) -> list[dict[str, Any]]:
-    """P2 accuracy of every (model, score, ratio); r = 0 is measured once per model."""
+    """P2 accuracy of every (model, score, ratio); r = 0 is measured once per model.
+
+    A score written ``NAME+merge`` (e.g. ``feature_norm+merge``) keeps the tokens ``NAME``
+    chooses and merges the pruned ones into them (``merge_pruned``) instead of dropping them.
+    """
     from bivlm_plugin.eval.vqa import evaluate_vqa, load_vlm, p2_items, plain_generate
     from bivlm_plugin.integrations.transformers.pruning import generate_with_pruning
     from bivlm_plugin.pruning.scores import SCORES, keep_count
 
     for s in scores:
-        if s not in SCORES:
-            raise ValueError(f"unknown score {s!r}; choose from {sorted(SCORES)}")
+        name, plus, mode = s.partition("+")
+        if name not in SCORES or (plus and mode != "merge"):
+            raise ValueError(
+                f"unknown score {s!r}; choose from {sorted(SCORES)}, each optionally with "
+                "'+merge' (e.g. feature_norm+merge)"
+            )
     for r in ratios:
         keep_count(1, r)
     items = p2_items(limit)
@@ -61,7 +69,10 @@ def accuracy_sweep(
                         plain_generate
                         if ratio == 0.0
                         else functools.partial(
-                            generate_with_pruning, prune_ratio=ratio, prune_score=score
+                            generate_with_pruning,
+                            prune_ratio=ratio,
+                            prune_score=score.partition("+")[0],
+                            merge=score.endswith("+merge"),
                         )
                     )
                     res = evaluate_vqa(

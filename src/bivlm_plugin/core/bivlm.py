@@ -382,9 +382,7 @@ def _encode_candidate(
 ) -> _Encoded:
     """Partition at salient share ``p_sal`` (salient by ``score``, ``_saliency``: the same for
     every share) and the closed-form codes (``binarize.encode``)."""
-    part = partition(
-        w, p_sal, config.n_rings, config.stats, config.salient_select, score, order
-    )
+    part = partition(w, p_sal, config.n_rings, config.stats, config.salient_select, score, order)
     codes = encode(w, part, config.scale_mode, config.mean_mode)
     # Bits depend only on the shape and the salient positions, fixed from here on.
     bits = count_bits(

@@ -104,7 +104,7 @@ def _cmd_eval_ppl(args: argparse.Namespace) -> int:
 def _cmd_eval_vqa(args: argparse.Namespace) -> int:
 
     from bivlm_plugin.eval.vqa import PROTOCOLS, evaluate_vqa, load_vlm, p2_items, plain_generate
-    from bivlm_plugin.pruning.scores import SCORES, keep_count
+    from bivlm_plugin.pruning.scores import SCORES, check_prune_merge, keep_count
 
     args.dtype = compute_dtype(args.dtype)  # recorded in the JSON as resolved
     dtype = torch_dtype(args.dtype)
@@ -113,8 +113,7 @@ def _cmd_eval_vqa(args: argparse.Namespace) -> int:
     keep_count(1, args.prune_ratio)  # validates the ratio (message names the range)
     if args.prune_score not in SCORES:
         raise ValueError(f"--prune-score {args.prune_score!r}: choose one of {sorted(SCORES)}")
-    if args.prune_merge and not args.prune_ratio:
-        raise ValueError("--prune-merge needs --prune-ratio > 0 (there is nothing to merge)")
+    check_prune_merge(args.prune_ratio, args.prune_merge)
     model, processor = load_vlm(args.model, dtype=dtype)
     generate = plain_generate
     if args.prune_ratio > 0:

@@ -83,7 +83,7 @@ def ask(
             repeated questions); loaded with ``eval.vqa.load_vlm`` otherwise.
     """
     from bivlm_plugin.eval.vqa import load_vlm, plain_generate, prompt_for
-    from bivlm_plugin.pruning.scores import SCORES, keep_count
+    from bivlm_plugin.pruning.scores import SCORES, check_prune_merge, keep_count
 
     if max_new_tokens < 1:
         raise ValueError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
@@ -92,8 +92,7 @@ def ask(
     keep_count(1, prune_ratio)  # names the valid range
     if prune_score not in SCORES:
         raise ValueError(f"--prune-score {prune_score!r}: choose one of {sorted(SCORES)}")
-    if prune_merge and not prune_ratio:
-        raise ValueError("--prune-merge needs --prune-ratio > 0 (there is nothing to merge)")
+    check_prune_merge(prune_ratio, prune_merge)
     im = load_image(image)
     model, processor = model_and_processor or load_vlm(model_dir)
     batch = dict(processor(text=prompt_for(processor, question), images=[im], return_tensors="pt"))

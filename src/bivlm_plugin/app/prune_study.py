@@ -46,6 +46,7 @@ def accuracy_sweep(
     from bivlm_plugin.integrations.transformers.pruning import generate_with_pruning
     from bivlm_plugin.pruning.scores import SCORES, keep_count
 
+    parsed = {}  # score as written -> (name in SCORES, merge)
     for s in scores:
         name, plus, mode = s.partition("+")
         if name not in SCORES or (plus and mode != "merge"):
@@ -53,6 +54,7 @@ def accuracy_sweep(
                 f"unknown score {s!r}; choose from {sorted(SCORES)}, each optionally with "
                 "'+merge' (e.g. feature_norm+merge)"
             )
+        parsed[s] = (name, bool(plus))
     for r in ratios:
         keep_count(1, r)
     items = p2_items(limit)
@@ -71,8 +73,8 @@ def accuracy_sweep(
                         else functools.partial(
                             generate_with_pruning,
                             prune_ratio=ratio,
-                            prune_score=score.partition("+")[0],
-                            merge=score.endswith("+merge"),
+                            prune_score=parsed[score][0],
+                            merge=parsed[score][1],
                         )
                     )
                     res = evaluate_vqa(

@@ -37,6 +37,7 @@ from bivlm_plugin.pruning.scores import (
     SERVING_FAMILIES,
     SERVING_FAMILY_SCORES,
     SERVING_SCORES,
+    check_prune_merge,
     keep_count,
 )
 from bivlm_plugin.utils import atomic_directory, environment_info, torch_dtype
@@ -212,8 +213,7 @@ def quantize_model(
 
 def _pruning_entry(ratio: float, score: str, merge: bool = False) -> dict[str, Any] | None:
     keep_count(1, ratio)  # raises on a ratio outside [0, 1), naming it
-    if merge and not ratio:
-        raise ValueError("--prune-merge needs --prune-ratio > 0 (there is nothing to merge)")
+    check_prune_merge(ratio, merge)
     if score not in SERVING_SCORES:
         raise ValueError(
             f"--prune-score {score!r} cannot be served; use one of {list(SERVING_SCORES)} "

@@ -63,7 +63,12 @@ def server_command(
     ``dtype`` "auto" is bfloat16 where the CPU runs it natively, else float32
     (``utils.compute_dtype``), not vLLM's own "auto" (the checkpoint's bf16).
     """
-    from bivlm_plugin.pruning.scores import CONFIG_KEY, SERVING_SCORES, keep_count
+    from bivlm_plugin.pruning.scores import (
+        CONFIG_KEY,
+        SERVING_SCORES,
+        check_prune_merge,
+        keep_count,
+    )
     from bivlm_plugin.utils import compute_dtype
 
     dtype = compute_dtype(dtype)
@@ -73,8 +78,7 @@ def server_command(
     cmd += ["--max-model-len", str(max_model_len)]
     if eager:
         cmd.append("--enforce-eager")
-    if prune_merge and not prune_ratio:
-        raise ValueError("--prune-merge needs --prune-ratio > 0 (there is nothing to merge)")
+    check_prune_merge(prune_ratio, prune_merge)
     if prune_ratio is not None:
         keep_count(1, prune_ratio)  # names the range on a bad ratio
         score = prune_score or "feature_norm"

@@ -34,6 +34,7 @@ __all__ = [
     "SERVING_FAMILY_SCORES",
     "SERVING_SCORES",
     "Score",
+    "check_prune_merge",
     "cls_attention_scores",
     "feature_norm_scores",
     "keep_count",
@@ -129,6 +130,12 @@ def keep_count(n: int, ratio: float) -> int:
     if n < 1:
         raise ValueError(f"need at least one image token to prune, got n={n}")
     return max(1, math.floor(n * (1.0 - ratio) + 0.5))
+
+
+def check_prune_merge(ratio: float | None, merge: bool) -> None:
+    """Merging needs pruning: ``merge`` with a ratio of 0 (or none) fails, naming the flags."""
+    if merge and not ratio:
+        raise ValueError("--prune-merge needs --prune-ratio > 0 (there is nothing to merge)")
 
 
 def keep_indices(scores: torch.Tensor, ratio: float) -> torch.Tensor:
